@@ -1,0 +1,5 @@
+"""The `btt8` command line."""
+
+
+def main() -> int:
+    return 0
