@@ -1,14 +1,294 @@
-"""The `testbed` command line."""
+"""The `testbed` command line.
+
+Each subcommand is a `_add_<name>(subparsers)` function that registers its parser and sets
+`func`; adding one is a new function plus a line in COMMANDS.
+"""
+
+from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from testbed import image as image_mod
+from testbed import runtime
+from testbed.nvdimm import MODES, NvdimmError, NvdimmSpec, create_namespace, namespaces, parse_size
+from testbed.vm import VM, VMConfig, VMError
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_nvdimm(text: str) -> tuple[int, str | None]:
+    """SIZE[:MODE] -> (bytes, mode or None)."""
+    size, _, mode = text.partition(":")
+    if mode and mode not in MODES:
+        raise argparse.ArgumentTypeError(f"mode must be one of {', '.join(MODES)}")
+    try:
+        nbytes = parse_size(size)
+        NvdimmSpec(Path("/"), nbytes)  # validates alignment
+    except NvdimmError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return nbytes, mode or None
+
+
+def _vm_config(name: str, img: image_mod.Image, accel: str,
+               nvdimms: list[NvdimmSpec]) -> VMConfig:
+    return VMConfig(name=name, kernel=img.kernel, initrd=img.initrd, root_disk=img.root_disk,
+                    accel=accel, nvdimms=nvdimms)  # type: ignore[arg-type]
+
+
+# --- up / ssh / status / down ---
+
+
+def _up(args: argparse.Namespace) -> int:
+    name = args.name
+    if runtime.qemu_pids(name):
+        _say(f"testbed: guest {name} is already running (testbed down {name})")
+        return 1
+    t0 = time.monotonic()
+    img = image_mod.build()
+    data = runtime.data_root() / name
+    specs = [NvdimmSpec(data / f"nvdimm{i}.img", size) for i, (size, _) in enumerate(args.nvdimm)]
+    for s in specs:
+        _say(f"nvdimm: {s.backing} ({s.size >> 20} MiB region"
+             f"{', existing content kept' if s.backing.exists() else ', new'})")
+    state_dir = runtime.state_dir(name)
+    vm = VM(_vm_config(name, img, args.accel, specs), state_dir, client_key=img.client_key,
+            known_hosts=img.known_hosts, daemonize=True)
+    try:
+        vm.start()
+        _say(f"[{time.monotonic() - t0:5.1f}s] QEMU pid {vm.pid} running ({vm.accel}), "
+             f"ssh on 127.0.0.1:{vm.ssh_port}; waiting for the guest...")
+        boot = vm.wait_for_ssh(args.timeout)
+        _say(f"[{time.monotonic() - t0:5.1f}s] guest ssh-ready {boot:.1f} s after launch")
+        nv_state = []
+        for i, (spec, (_, mode)) in enumerate(zip(specs, args.nvdimm, strict=True)):
+            region = f"region{i}"
+            existing = [ns for ns in namespaces(vm, region) if "uuid" in ns]
+            entry = {"backing": str(spec.backing), "size": spec.size, "region": region}
+            if mode and not existing:
+                entry["device"] = create_namespace(vm, mode, region)  # type: ignore[arg-type]
+                _say(f"nvdimm{i}: {mode} namespace {entry['device']}")
+            nv_state.append(entry)
+        assert vm.pid is not None and vm.ssh_port is not None and vm.accel is not None
+        runtime.save(runtime.GuestState(
+            name=name, pid=vm.pid, ssh_port=vm.ssh_port, accel=vm.accel,
+            state_dir=str(state_dir), qmp_socket=str(vm.paths.qmp_socket),
+            console_log=str(vm.paths.console_log), client_key=str(img.client_key),
+            known_hosts=str(img.known_hosts), image=str(img.dir), started_at=time.time(),
+            boot_seconds=round(boot, 2), nvdimms=nv_state, argv=vm.argv,
+        ))
+        vm.detach()
+    except BaseException:
+        vm.cleanup()
+        raise
+    _say(f"guest {name} is up. testbed ssh {name}   |   testbed down {name}")
+    return 0
+
+
+def _ssh_argv(st: runtime.GuestState) -> list[str]:
+    return [
+        "ssh", "-i", st.client_key, "-p", str(st.ssh_port),
+        "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={st.known_hosts}",
+        "-o", f"HostKeyAlias={image_mod.HOST_KEY_ALIAS}", "-o", "LogLevel=ERROR",
+        "root@127.0.0.1",
+    ]
+
+
+def _ssh(args: argparse.Namespace) -> int:
+    st = runtime.load(args.name)
+    if st is None or not runtime.qemu_pids(args.name):
+        _say(f"testbed: no running guest {args.name} (testbed up --name {args.name})")
+        return 1
+    argv = _ssh_argv(st)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if cmd:
+        argv += ["--", shlex.join(cmd)]
+    _say("equivalent: " + shlex.join(argv))
+    if shutil.which("ssh") is None:
+        _say("testbed: the ssh client is missing (apt-get install openssh-client)")
+        return 1
+    return subprocess.call(argv)
+
+
+def _status(args: argparse.Namespace) -> int:
+    rows = []
+    for name in runtime.names():
+        st = runtime.load(name)
+        pids = runtime.qemu_pids(name)
+        row = {"name": name, "running": bool(pids), "pids": pids}
+        if st is not None:
+            row.update(ssh_port=st.ssh_port, accel=st.accel, boot_seconds=st.boot_seconds,
+                       uptime_s=round(time.time() - st.started_at), nvdimms=st.nvdimms,
+                       console_log=st.console_log, qmp_socket=st.qmp_socket)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no guests")
+    else:
+        for r in rows:
+            state = "running" if r["running"] else "stopped"
+            extra = (f"ssh 127.0.0.1:{r['ssh_port']}  {r['accel']}  up {r['uptime_s']} s  "
+                     f"nvdimms {len(r['nvdimms'])}") if "ssh_port" in r else "(no state)"
+            print(f"{r['name']:<16} {state:<8} {extra}")
+    return 0
+
+
+def _down_one(name: str, force: bool) -> None:
+    st = runtime.load(name)
+    if st is not None and runtime.qemu_pids(name) and not force:
+        # Graceful first: the guest syncs and unmounts; then the hard stops in kill_all.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(_ssh_argv(st) + ["-o", "ConnectTimeout=3", "--", "busybox poweroff"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=10, check=False)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and runtime.qemu_pids(name):
+            time.sleep(0.1)
+    killed = runtime.kill_all(name)
+    shutil.rmtree(runtime.state_dir(name), ignore_errors=True)
+    _say(f"guest {name}: down" + (f" (killed {killed})" if killed else ""))
+
+
+def _down(args: argparse.Namespace) -> int:
+    if not args.all and not args.name:
+        _say("testbed down: give a guest name or --all")
+        return 2
+    for name in runtime.names() if args.all else [args.name]:
+        _down_one(name, args.force)
+    return 0
+
+
+# --- image ---
+
+
+def _image(args: argparse.Namespace) -> int:
+    if args.image_command == "build":
+        img = image_mod.build(force=args.force)
+        print(img.dir)
+        return 0
+    data = image_mod.info(image_mod.current())
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for k, v in data.items():
+            print(f"{k:<15} {v['path'] + '  ' + str(v['bytes']) if isinstance(v, dict) else v}")
+    return 0 if data["built"] else 1
+
+
+# --- bench ---
+
+
+def _bench(args: argparse.Namespace) -> int:
+    img = image_mod.build()
+    launch_to_ssh, total = [], []
+    with tempfile.TemporaryDirectory(prefix="testbed-bench-") as tmp:
+        spec = NvdimmSpec(Path(tmp) / "nvdimm0.img", 256 << 20)
+        for i in range(args.runs):
+            t0 = time.monotonic()
+            with VM(_vm_config(f"bench{i}", img, args.accel, [spec]), Path(tmp) / f"run{i}",
+                    client_key=img.client_key, known_hosts=img.known_hosts) as vm:
+                vm.start()
+                boot = vm.wait_for_ssh(120)
+                vm.succeed("true")
+                t1 = time.monotonic() - t0
+                vm.crash("quit")
+            launch_to_ssh.append(boot)
+            total.append(t1)
+            _say(f"run {i + 1}/{args.runs}: ssh-ready {boot:.2f} s after QEMU launch, "
+                 f"{t1:.2f} s incl. overlay/accel/QMP setup ({vm.accel})")
+    summary = {
+        "runs": args.runs, "accel": vm.accel,
+        "launch_to_ssh_s": {"min": round(min(launch_to_ssh), 2),
+                            "median": round(statistics.median(launch_to_ssh), 2),
+                            "max": round(max(launch_to_ssh), 2)},
+        "total_s_median": round(statistics.median(total), 2),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="boot a guest and leave it running")
+    p.add_argument("--name", default="default")
+    p.add_argument("--nvdimm", action="append", type=_parse_nvdimm, default=[],
+                   metavar="SIZE[:MODE]",
+                   help=f"add an NVDIMM (region size, multiple of 16M); MODE one of "
+                        f"{', '.join(MODES)} creates a namespace on first use")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to ssh-ready")
+    p.set_defaults(func=_up)
+
+
+def _add_ssh(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ssh", help="shell or command in a running guest")
+    p.add_argument("name")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
+    p.set_defaults(func=_ssh)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="guests started by testbed up")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+
+def _add_down(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("down", help="stop a guest (idempotent; NVDIMM backing files are kept)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--force", action="store_true", help="no guest poweroff, just stop QEMU")
+    p.set_defaults(func=_down)
+
+
+def _add_image(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("image", help="the guest image (cached by recipe hash)")
+    isub = p.add_subparsers(dest="image_command", required=True)
+    b = isub.add_parser("build", help="build unless cached")
+    b.add_argument("--force", action="store_true")
+    i = isub.add_parser("info", help="what the current recipe's image is")
+    i.add_argument("--json", action="store_true")
+    p.set_defaults(func=_image)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    b = bsub.add_parser("boot", help="seconds from QEMU launch to ssh-ready")
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.set_defaults(func=_bench)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_up, _add_ssh, _add_status, _add_down, _add_image, _add_bench,
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(argv)
-    return 0
+    parser = argparse.ArgumentParser(prog="testbed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (VMError, image_mod.ImageError, NvdimmError) as e:
+        _say(f"testbed: {e}")
+        return 1
 
 
 if __name__ == "__main__":

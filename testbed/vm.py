@@ -129,7 +129,7 @@ class QMPChannel:
         self._client = QMPClient(socket_path.parent.name)
         self._listener = EventListener()
         self._client.register_listener(self._listener)
-        self._events_task: asyncio.Future[None] | None = None
+        self._events_task: asyncio.Task[None] | None = None
 
     def _run(self, coro: Any, timeout: float) -> Any:
         fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
@@ -144,9 +144,18 @@ class QMPChannel:
             async for event in self._listener:
                 f.write(json.dumps({"host_time": time.time(), **dict(event)}) + "\n")
 
+    async def _connect(self) -> None:
+        await self._client.connect(str(self.socket_path))
+        self._events_task = asyncio.create_task(self._log_events())
+
+    async def _disconnect(self) -> None:
+        if self._events_task is not None:
+            self._events_task.cancel()
+            await asyncio.gather(self._events_task, return_exceptions=True)
+        await self._client.disconnect()
+
     def connect(self, timeout: float) -> None:
-        self._run(self._client.connect(str(self.socket_path)), timeout)
-        self._events_task = asyncio.run_coroutine_threadsafe(self._log_events(), self._loop)
+        self._run(self._connect(), timeout)
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None,
                 timeout: float = QMP_TIMEOUT) -> Any:
@@ -156,9 +165,7 @@ class QMPChannel:
         if self._loop.is_closed():
             return
         with contextlib.suppress(Exception):
-            self._run(self._client.disconnect(), 5.0)
-        if self._events_task is not None:
-            self._events_task.cancel()
+            self._run(self._disconnect(), 5.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():
@@ -402,6 +409,16 @@ class VM:
                     self.kill()
                     self._wait_exit(5.0)
         self.cleanup()
+
+    def detach(self) -> None:
+        """Let a daemonized VM run on without this process (`testbed up`): close QMP and SSH."""
+        if not self.daemonize:
+            raise VMError("only a daemonized VM may outlive its launcher")
+        self._drop_ssh()
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        self.process = None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

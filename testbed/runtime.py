@@ -1,0 +1,111 @@
+"""Per-user state of guests started by `testbed up`, which outlive the CLI process.
+
+Each guest has a 0700 directory <runtime>/<name>/ holding state.json (pid, ports, paths), the
+QMP socket, console and QMP-event logs. NVDIMM backing files live elsewhere (data_dir) so that
+`testbed down` + `testbed up` keeps the media.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def runtime_root() -> Path:
+    """$TESTBED_RUNTIME_DIR, else $XDG_RUNTIME_DIR/testbed, else ~/.cache/testbed/run."""
+    env = os.environ.get("TESTBED_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return Path(xdg) / "testbed"
+    return Path.home() / ".cache" / "testbed" / "run"
+
+
+def data_root() -> Path:
+    """Where `testbed up` keeps NVDIMM backing files: $TESTBED_DATA_DIR or
+    $XDG_DATA_HOME/testbed/vms."""
+    env = os.environ.get("TESTBED_DATA_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "testbed" / "vms"
+
+
+@dataclass
+class GuestState:
+    name: str
+    pid: int
+    ssh_port: int
+    accel: str
+    state_dir: str
+    qmp_socket: str
+    console_log: str
+    client_key: str
+    known_hosts: str
+    image: str
+    started_at: float
+    boot_seconds: float
+    nvdimms: list[dict[str, Any]] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+
+
+def state_dir(name: str) -> Path:
+    return runtime_root() / name
+
+
+def save(state: GuestState) -> None:
+    path = Path(state.state_dir) / "state.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    tmp.rename(path)
+
+
+def load(name: str) -> GuestState | None:
+    try:
+        return GuestState(**json.loads((state_dir(name) / "state.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def names() -> list[str]:
+    root = runtime_root()
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def qemu_pids(name: str) -> list[int]:
+    """QEMU processes serving this guest, found by their QMP socket path on the command line:
+    catches stragglers whose state.json is gone or stale, and never a reused pid."""
+    marker = str(state_dir(name) / "qmp.sock").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and marker in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_all(name: str, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace`, every QEMU of this guest. Returns the pids seen."""
+    pids = qemu_pids(name)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and qemu_pids(name):
+            time.sleep(0.05)
+        if not qemu_pids(name):
+            break
+    return pids
