@@ -1,1 +1,27 @@
-"""BTT8: an alternative Block Translation Table for persistent memory (stdlib + ctypes)."""
+"""BTT8: an alternative Block Translation Table for persistent memory (stdlib + ctypes).
+
+    import btt8
+    with btt8.create("/dev/shm/pool", 4096, 64 << 20) as pool:
+        pool.write(0, bytes(4096))
+    with btt8.open("/dev/shm/pool", 4096) as pool:
+        data = pool.read(0)
+"""
+
+from .core import (
+    FLAG_ZERO,
+    MIN_BSIZE,
+    MIN_POOL,
+    NFREE,
+    Btt8Error,
+    CorruptionError,
+    Layout,
+    Pool,
+    create,
+    open,
+)
+from .pmem import MappedPmem, MemoryPmem, Pmem, PoolBusyError
+
+__all__ = [
+    "FLAG_ZERO", "MIN_BSIZE", "MIN_POOL", "NFREE", "Btt8Error", "CorruptionError", "Layout",
+    "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "create", "open",
+]

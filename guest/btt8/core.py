@@ -1,0 +1,565 @@
+"""BTT8 core: layout, create, open with recovery, read, write, set_zero.
+
+On media (all little-endian u64):
+    block 0         superblock {sig "PMBLKBB\\0", bsize, nblocks, nfree, ttoff, dataoff}
+    ttoff = bsize   translation table, nblocks 16-byte entries {lo: cycle, hi: PBA | flags}
+    dataoff         nblocks + nfree data blocks; PBA p lives at dataoff + p * bsize
+
+A cycle is (lane-local count << 12) | lane. Its count is `cycle >> 12` (the seed's C shifted left
+here, so readers never helped persist and recovery seeded wrong lane counts).
+
+The production read and write are written out straight, with each PlusCal step labelled in a
+comment; btt8.steps holds the same steps as generators that yield at every label, for tests and
+for a model checker to interleave without slowing the production path.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+import re
+import stat
+import struct
+import threading
+import time
+from array import array
+from collections import deque
+from itertools import count, repeat
+from types import TracebackType
+
+from .pmem import MappedPmem, Pmem
+
+SIG = b"PMBLKBB\0"
+MIN_POOL = 16 << 20
+MIN_BSIZE = 512
+NFREE_SHIFT = 12
+NFREE = 1 << NFREE_SHIFT  # free blocks reserved, and number of lanes
+LANE_MASK = NFREE - 1
+ENTRY_SIZE = 16
+FLAG_ZERO = 1 << 63
+FLAG_UNUSED = 1 << 62
+PBA_MASK = (1 << 62) - 1
+_SCAN_CHUNK = 4096  # entries compared at a time against the initial map
+HUNGRY_AFTER = 3  # failed re-checks before a reader asks writers to hold off
+LANE_STRIDE = 5  # home lanes of successive threads land in different cache lines (seed)
+
+SUPER = struct.Struct("<8sQQQQQ")
+
+
+def cycle_count(cycle: int) -> int:
+    return cycle >> NFREE_SHIFT
+
+
+def cycle_lane(cycle: int) -> int:
+    return cycle & LANE_MASK
+
+
+def make_cycle(lane: int, count_: int) -> int:
+    return (count_ << NFREE_SHIFT) | lane
+
+
+class Btt8Error(OSError):
+    """A BTT8 failure carrying an errno (ENOENT, EEXIST, EINVAL, EBUSY, ...)."""
+
+
+class CorruptionError(Btt8Error):
+    """The pool is not a consistent BTT8 pool (bad signature, superblock or map).
+
+    errno is EUCLEAN ("structure needs cleaning"), the errno Linux filesystems use for
+    on-media corruption."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(errno.EUCLEAN, message, path)
+
+
+def _einval(message: str, path: str | None = None) -> Btt8Error:
+    return Btt8Error(errno.EINVAL, message, path)
+
+
+class Layout:
+    """Superblock values; computed by `Layout.for_pool` or read from media."""
+
+    __slots__ = ("bsize", "nblocks", "nfree", "ttoff", "dataoff")
+
+    def __init__(self, bsize: int, nblocks: int, nfree: int, ttoff: int, dataoff: int) -> None:
+        self.bsize, self.nblocks, self.nfree = bsize, nblocks, nfree
+        self.ttoff, self.dataoff = ttoff, dataoff
+
+    @property
+    def tblocks(self) -> int:
+        return self.nblocks + self.nfree
+
+    @classmethod
+    def for_pool(cls, bsize: int, poolsize: int) -> Layout:
+        """Seed sizing: B = pool/bsize, K = B-1, D = K*bsize // (bsize+16), T = K-D."""
+        if bsize < MIN_BSIZE or bsize % ENTRY_SIZE:
+            raise _einval(f"bsize {bsize}: must be >= {MIN_BSIZE} and a multiple of "
+                          f"{ENTRY_SIZE}")
+        if poolsize < MIN_POOL:
+            raise _einval(f"pool size {poolsize}: must be >= {MIN_POOL} (16 MiB)")
+        b = poolsize // bsize
+        k = b - 1
+        d = k * bsize // (bsize + ENTRY_SIZE)
+        t = k - d
+        if d <= NFREE or t * bsize // ENTRY_SIZE < d:
+            raise _einval(f"pool size {poolsize} too small for bsize {bsize}: "
+                          f"{d} data blocks, need more than {NFREE}")
+        return cls(bsize, d - NFREE, NFREE, bsize, (t + 1) * bsize)
+
+    @classmethod
+    def from_super(cls, raw: bytes, poolsize: int, path: str | None = None) -> Layout:
+        sig, bsize, nblocks, nfree, ttoff, dataoff = SUPER.unpack(raw)
+        if sig != SIG:
+            raise CorruptionError(f"bad signature {sig!r}, expected {SIG!r}", path)
+        lay = cls(bsize, nblocks, nfree, ttoff, dataoff)
+        problem = lay._inconsistency(poolsize)
+        if problem:
+            raise CorruptionError(f"inconsistent superblock: {problem}", path)
+        return lay
+
+    def _inconsistency(self, poolsize: int) -> str:
+        if self.bsize < MIN_BSIZE or self.bsize % ENTRY_SIZE:
+            return f"bsize {self.bsize}"
+        if self.nfree != NFREE:
+            return f"nfree {self.nfree}, expected {NFREE}"
+        if self.nblocks < 1:
+            return "no blocks"
+        if self.ttoff != self.bsize:
+            return f"table offset {self.ttoff}, expected {self.bsize}"
+        if self.dataoff % self.bsize or self.dataoff < self.ttoff + self.nblocks * ENTRY_SIZE:
+            return f"data offset {self.dataoff} overlaps the table or is misaligned"
+        if self.dataoff + self.tblocks * self.bsize > poolsize:
+            return f"data area ends past the pool size {poolsize}"
+        return ""
+
+    def pack(self, sig: bytes = SIG) -> bytes:
+        return SUPER.pack(sig, self.bsize, self.nblocks, self.nfree, self.ttoff, self.dataoff)
+
+
+def initial_table(nblocks: int, nfree: int) -> bytearray:
+    """Map LBA i -> PBA i + nfree with the ZERO flag, cycle 0 (built without a Python loop)."""
+    table = bytearray(nblocks * ENTRY_SIZE)
+    words = memoryview(table).cast("Q")
+    words[1::2] = memoryview(array("Q", range(nfree + FLAG_ZERO, nfree + nblocks + FLAG_ZERO)))
+    words.release()
+    return table
+
+
+def format_pool(pmem: Pmem, lay: Layout) -> None:
+    """Lay down a fresh pool. The signature is cleared first and written last, so a crash at any
+    point leaves either the old pool intact or no pool."""
+    pmem.store_persist(0, bytes(len(SIG)))
+    pmem.store(len(SIG), lay.pack()[len(SIG):])
+    pmem.store(lay.ttoff, initial_table(lay.nblocks, lay.nfree))
+    pmem.persist(0, lay.dataoff)
+    pmem.fence()
+    pmem.store_persist(0, SIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery
+
+
+def _lane_counts(cycles: memoryview) -> list[int]:
+    """Per-lane maximum count over all cycles, without a per-entry Python loop."""
+    counts = [0] * NFREE
+    raw = cycles.tobytes()
+    if raw.count(0) == len(raw):  # fresh pool: every cycle is 0
+        return counts
+    distinct = sorted(set(cycles))  # ascending, so the last cycle seen per lane has its max count
+    latest = dict(zip(map(operator.and_, distinct, repeat(LANE_MASK)),
+                      map(operator.rshift, distinct, repeat(NFREE_SHIFT)), strict=True))
+    for lane, lane_count in latest.items():
+        counts[lane] = lane_count
+    return counts
+
+
+def _describe_map_error(pbas: memoryview, lay: Layout) -> str:
+    """Slow path, only on a corrupt map: name the first offending LBA."""
+    seen: dict[int, int] = {}
+    for lba, pba in enumerate(pbas):
+        if pba >= lay.tblocks:
+            return f"LBA {lba} maps to PBA {pba}, out of range (max {lay.tblocks - 1})"
+        if pba in seen:
+            return f"PBA {pba} is mapped by both LBA {seen[pba]} and LBA {lba}"
+        seen[pba] = lba
+    return "inconsistent map"
+
+
+def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[int], list[int]]:
+    """Scan the table: every PBA in range and used once; the unused PBAs become the lanes' free
+    blocks (exactly nfree of them); each lane's count is the max count seen for it.
+
+    Returns (free PBA per lane, count per lane). Raises CorruptionError; never writes."""
+    nblocks, tblocks = lay.nblocks, lay.tblocks
+    entries = memoryview(table)
+    # Flags live in bits 62-63, i.e. the top byte of each PBA word; any other bit there means a
+    # PBA >= 2**56, out of range for any pool.
+    top = entries[15::ENTRY_SIZE].tobytes()
+    hi = bytearray(entries.cast("Q")[1::2].tobytes())
+    pbas = memoryview(hi).cast("Q")
+    if top.translate(None, b"\x00\x40\x80\xc0"):
+        raise CorruptionError(_describe_map_error(pbas, lay), path)
+    hi[7::8] = bytes(nblocks)  # clear the flag bytes: hi now holds bare PBAs
+
+    used = bytearray(tblocks)
+    ident = memoryview(array("Q", range(nfree_base := lay.nfree, nfree_base + nblocks)))
+    # Runs of entries still at their initial PBA (i + nfree) are marked with one slice store;
+    # only the entries that moved pay for a per-entry (C-level) store.
+    mark = used.__setitem__
+    marks = b"\x01" * _SCAN_CHUNK
+    try:
+        for start in range(0, nblocks, _SCAN_CHUNK):
+            end = min(start + _SCAN_CHUNK, nblocks)
+            run = pbas[start:end]
+            if run == ident[start:end]:
+                used[start + nfree_base:end + nfree_base] = marks[:end - start]
+            else:
+                deque(map(mark, run, repeat(1)), maxlen=0)  # C-level loop
+    except IndexError:
+        raise CorruptionError(_describe_map_error(pbas, lay), path) from None
+    free = [m.start() for m in re.finditer(b"\x00", used)]
+    if len(free) != lay.nfree:
+        detail = _describe_map_error(pbas, lay)
+        raise CorruptionError(f"found {len(free)} free blocks, expected {lay.nfree}: {detail}",
+                              path)
+    return free, _lane_counts(entries.cast("Q")[0::2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+_thread_ids = count(1)
+
+
+class Pool:
+    """An open BTT8 pool (libpmemblk-style). Thread-safe; one process at a time (flock)."""
+
+    def __init__(self, pmem: Pmem, path: str | None = None) -> None:
+        self.path = path
+        self._pmem = pmem
+        raw = pmem.load(0, SUPER.size)
+        lay = Layout.from_super(raw, pmem.size, path)
+        self.layout = lay
+        self.bsize = lay.bsize
+        self.nblock = lay.nblocks
+        self.nfree = lay.nfree
+        table = pmem.load(lay.ttoff, lay.nblocks * ENTRY_SIZE)
+        self._lane_free, self._lane_count = recover(table, lay, path)
+        top = memoryview(table)[15::ENTRY_SIZE].tobytes()
+        self.zeroed_at_open = top.count(0x80) + top.count(0xC0)
+        self._tt_word = lay.ttoff // 8
+        self._dataoff = lay.dataoff
+        self._zero_block = bytes(lay.bsize)
+        self._lane_locks = [threading.Lock() for _ in range(lay.nfree)]
+        self._home_lane: dict[int, int] = {}
+        self._hungry = [0]
+        self._hungry_lock = threading.Lock()
+        # Hot-path bindings of the persistence interface (one attribute load per call).
+        self._load8 = pmem.load8
+        self._load = pmem.load
+        self._load_into = pmem.load_into
+        self._store_persist = pmem.store_persist
+        self._persist = pmem.persist
+        self._cas16 = pmem.cas16
+        if os.environ.get("BTT8_TEST_FAULT") == "publish-before-data":
+            self._fault_publish_before_data = True
+
+    # TEST ONLY, not a user option: publish the mapping before the data is written, the bug
+    # the crash testbed must catch. Set from BTT8_TEST_FAULT=publish-before-data in the guest.
+    @property
+    def _fault_publish_before_data(self) -> bool:
+        return self.__dict__.get("write") == self._write_publish_before_data
+
+    @_fault_publish_before_data.setter
+    def _fault_publish_before_data(self, on: bool) -> None:
+        if on:
+            self.write = self._write_publish_before_data  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("write", None)
+
+    @property
+    def persist_mode(self) -> str:
+        return self._pmem.persist_mode
+
+    def lane_state(self) -> tuple[list[int], list[int]]:
+        """(free PBA per lane, count per lane): volatile lane state, for info/check/tests."""
+        return list(self._lane_free), list(self._lane_count)
+
+    # -- context manager / close --------------------------------------------------------------
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pmem, self._pmem = self._pmem, None
+        if pmem is not None:
+            pmem.close()
+
+    # -- lanes --------------------------------------------------------------------------------
+
+    def _acquire_lane(self) -> int:
+        """Home lane per thread; on contention scan forward for a free one (seed behaviour)."""
+        tid = threading.get_ident()
+        lane = self._home_lane.get(tid)
+        if lane is None:
+            lane = self._home_lane[tid] = next(_thread_ids) * LANE_STRIDE % self.nfree
+        locks = self._lane_locks
+        if locks[lane].acquire(False):
+            return lane
+        nlanes = self.nfree
+        for step in range(1, nlanes):
+            candidate = (lane + step) % nlanes
+            if locks[candidate].acquire(False):
+                return candidate
+        locks[lane].acquire()
+        return lane
+
+    def _wait_for_hungry_readers(self) -> None:
+        while self._hungry[0]:
+            time.sleep(0)
+
+    def _check_lba(self, lba: int) -> None:
+        if type(lba) is not int or not 0 <= lba < self.nblock:
+            raise _einval(f"LBA {lba!r} out of range 0..{self.nblock - 1}", self.path)
+
+    def _check_len(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) != self.bsize:
+            raise _einval(f"buffer of {len(data)} bytes, block size is {self.bsize}", self.path)
+
+    # -- read ---------------------------------------------------------------------------------
+
+    def read(self, lba: int) -> bytes:
+        """The block's current content as bytes."""
+        if type(lba) is not int or not 0 <= lba < self.nblock:
+            self._check_lba(lba)
+        word = self._tt_word + 2 * lba
+        load8 = self._load8
+        # RloadPreCycle
+        pre = load8(word)
+        # RloadPBA
+        pba = load8(word + 1)
+        # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
+        # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
+        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+            self._persist(word * 8 + 8, 8)
+        # RcopyBlock
+        if pba & FLAG_ZERO:
+            data = self._zero_block
+        else:
+            data = self._load(self._dataoff + (pba & PBA_MASK) * self.bsize, self.bsize)
+        # RcheckAtomicity
+        if load8(word) == pre:
+            return data
+        buf = bytearray(self.bsize)
+        self._read_retry(word, buf)
+        return bytes(buf)
+
+    def read_into(self, lba: int, buf: bytearray | memoryview) -> None:
+        """Copy the block into a writable buffer of exactly bsize bytes (no allocation)."""
+        if type(lba) is not int or not 0 <= lba < self.nblock:
+            self._check_lba(lba)
+        if len(buf) != self.bsize:
+            self._check_len(buf)
+        word = self._tt_word + 2 * lba
+        load8 = self._load8
+        # RloadPreCycle
+        pre = load8(word)
+        # RloadPBA
+        pba = load8(word + 1)
+        # RloadLaneCycle, RpersistMapping
+        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+            self._persist(word * 8 + 8, 8)
+        # RcopyBlock
+        if pba & FLAG_ZERO:
+            buf[:] = self._zero_block
+        else:
+            self._load_into(self._dataoff + (pba & PBA_MASK) * self.bsize, buf)
+        # RcheckAtomicity
+        if load8(word) != pre:
+            self._read_retry(word, buf)
+
+    def _try_one_read(self, word: int, buf: bytearray | memoryview) -> bool:
+        load8 = self._load8
+        # RloadPreCycle
+        pre = load8(word)
+        # RloadPBA
+        pba = load8(word + 1)
+        # RloadLaneCycle, RpersistMapping
+        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+            self._persist(word * 8 + 8, 8)
+        # RcopyBlock
+        if pba & FLAG_ZERO:
+            buf[:] = self._zero_block
+        else:
+            self._load_into(self._dataoff + (pba & PBA_MASK) * self.bsize, buf)
+        # RcheckAtomicity
+        return load8(word) == pre
+
+    def _read_retry(self, word: int, buf: bytearray | memoryview) -> None:
+        """Slow path after a failed RcheckAtomicity: retry; after HUNGRY_AFTER more failures the
+        reader is hungry and writers hold off until it gets a stable copy."""
+        for _ in range(HUNGRY_AFTER):
+            if self._try_one_read(word, buf):
+                return
+        with self._hungry_lock:
+            self._hungry[0] += 1
+        try:
+            while not self._try_one_read(word, buf):
+                time.sleep(0)
+        finally:
+            with self._hungry_lock:
+                self._hungry[0] -= 1
+
+    # -- write --------------------------------------------------------------------------------
+
+    def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        """Atomically replace the block (bytes is the fastest argument type)."""
+        if type(lba) is not int or not 0 <= lba < self.nblock:
+            self._check_lba(lba)
+        if len(data) != self.bsize:
+            self._check_len(data)
+        if self._hungry[0]:
+            self._wait_for_hungry_readers()
+        # Wstart: claim a lane and its free block
+        lane = self._acquire_lane()
+        try:
+            newpba = self._lane_free[lane]
+            # WwriteBlock: copy the data into the free block and persist it
+            self._store_persist(self._dataoff + newpba * self.bsize, data)
+            word = self._tt_word + 2 * lba
+            load8 = self._load8
+            # WloadOldCycle
+            oldcycle = load8(word)
+            newcount = self._lane_count[lane] + 1
+            # WloadOldPBA
+            oldpba = load8(word + 1)
+            # WswapMapping
+            if self._cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba):
+                # WpersistMapping: only the PBA half has to be durable
+                self._persist(word * 8 + 8, 8)
+                # WupdateCycle
+                self._lane_count[lane] = newcount
+                # WputFreeBlock: the old block becomes this lane's free block
+                self._lane_free[lane] = oldpba & PBA_MASK
+            # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
+        finally:
+            self._lane_locks[lane].release()
+
+    def set_zero(self, lba: int) -> None:
+        """Make the block read as zeros by mapping it with the ZERO flag (no data written)."""
+        self._check_lba(lba)
+        self._wait_for_hungry_readers()
+        # Wstart
+        lane = self._acquire_lane()
+        try:
+            self._swap_mapping(lba, lane, self._lane_free[lane] | FLAG_ZERO)
+        finally:
+            self._lane_locks[lane].release()
+
+    def _swap_mapping(self, lba: int, lane: int, newpba: int) -> None:
+        word = self._tt_word + 2 * lba
+        # WloadOldCycle
+        oldcycle = self._load8(word)
+        newcount = self._lane_count[lane] + 1
+        # WloadOldPBA
+        oldpba = self._load8(word + 1)
+        # WswapMapping
+        if self._cas16(word, oldcycle, oldpba, make_cycle(lane, newcount), newpba):
+            # WpersistMapping
+            self._persist(word * 8 + 8, 8)
+            # WupdateCycle
+            self._lane_count[lane] = newcount
+            # WputFreeBlock
+            self._lane_free[lane] = oldpba & PBA_MASK
+
+    def _write_publish_before_data(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        """TEST ONLY (see _fault_publish_before_data): the mapping is swapped and persisted
+        before the data reaches the block, so a cut in between exposes garbage."""
+        self._check_lba(lba)
+        self._check_len(data)
+        self._wait_for_hungry_readers()
+        lane = self._acquire_lane()
+        try:
+            newpba = self._lane_free[lane]
+            self._swap_mapping(lba, lane, newpba)
+            self._store_persist(self._dataoff + newpba * self.bsize, data)
+        finally:
+            self._lane_locks[lane].release()
+
+
+# ---------------------------------------------------------------------------------------------
+# libpmemblk-style entry points
+
+
+def _wrap_os_error(exc: OSError, path: str) -> Btt8Error:
+    if isinstance(exc, Btt8Error):
+        return exc
+    return Btt8Error(exc.errno or errno.EIO, exc.strerror or str(exc), path)
+
+
+def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644) -> Pool:
+    """Create and open a pool. A regular file must not exist (EEXIST) and needs poolsize; an
+    existing character/block device (e.g. /dev/dax0.0) is formatted in place, its whole size
+    used when poolsize is 0."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _wrap_os_error(exc, path) from None
+    is_device = st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode))
+    if st is not None and not is_device:
+        raise Btt8Error(errno.EEXIST, "pool already exists", path)
+    if not is_device:
+        Layout.for_pool(bsize, poolsize)  # validate before creating anything
+    try:
+        pmem = MappedPmem(path, create_size=0 if is_device else poolsize, mode=mode)
+    except OSError as exc:
+        raise _wrap_os_error(exc, path) from None
+    try:
+        size = poolsize if is_device and poolsize else pmem.size
+        if size > pmem.size:
+            raise _einval(f"pool size {size} larger than the device ({pmem.size})", path)
+        lay = Layout.for_pool(bsize, size)
+        format_pool(pmem, lay)
+        return Pool(pmem, path)
+    except BaseException:
+        pmem.close()
+        if not is_device:
+            os.unlink(path)
+        raise
+
+
+def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
+    """Open a pool and recover its free list. bsize 0 accepts the pool's block size; otherwise it
+    must match (EINVAL). A failed open never writes to the pool. readonly opens with a shared
+    lock and a read-only mapping (for check/info): writes then fail."""
+    path = os.fspath(path)
+    try:
+        pmem = MappedPmem(path, readonly=readonly)
+    except OSError as exc:
+        raise _wrap_os_error(exc, path) from None
+    try:
+        if pmem.size < MIN_POOL:
+            raise _einval(f"pool size {pmem.size} below the 16 MiB minimum", path)
+        pool = Pool(pmem, path)
+        if bsize and bsize != pool.bsize:
+            raise _einval(f"pool block size is {pool.bsize}, not {bsize}", path)
+        if readonly:
+            pool.write = pool.set_zero = _read_only  # type: ignore[method-assign]
+        return pool
+    except BaseException:
+        pmem.close()
+        raise
+
+
+def _read_only(*_args: object) -> None:
+    raise Btt8Error(errno.EROFS, "pool opened read-only")
