@@ -17,11 +17,13 @@ from .core import (
     Layout,
     Pool,
     create,
+    create_on,
     open,
 )
 from .pmem import MappedPmem, MemoryPmem, Pmem, PoolBusyError
 
 __all__ = [
     "FLAG_ZERO", "MIN_BSIZE", "MIN_POOL", "NFREE", "Btt8Error", "CorruptionError", "Layout",
-    "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "create", "open",
+    "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "create", "create_on",
+    "open",
 ]

@@ -178,7 +178,7 @@ def _lane_counts(cycles: memoryview) -> list[int]:
 def _describe_map_error(pbas: memoryview, lay: Layout) -> str:
     """Slow path, only on a corrupt map: name the first offending LBA."""
     seen: dict[int, int] = {}
-    for lba, pba in enumerate(pbas):
+    for lba, pba in enumerate(map(operator.and_, pbas, repeat(PBA_MASK))):
         if pba >= lay.tblocks:
             return f"LBA {lba} maps to PBA {pba}, out of range (max {lay.tblocks - 1})"
         if pba in seen:
@@ -536,6 +536,12 @@ def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644) -> Pool:
         if not is_device:
             os.unlink(path)
         raise
+
+
+def create_on(pmem: Pmem, bsize: int) -> Pool:
+    """Format any persistence backend (e.g. MemoryPmem for tests) as a whole pool and open it."""
+    format_pool(pmem, Layout.for_pool(bsize, pmem.size))
+    return Pool(pmem)
 
 
 def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:

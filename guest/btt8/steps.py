@@ -1,0 +1,91 @@
+"""The PlusCal steps of read and write as generators, for schedulers that interleave threads.
+
+Each generator yields the label of the step it is about to execute, so a driver (a test, or the
+later model checker) decides who runs next; the step then runs when the driver calls next() again.
+The steps use the same pool state and the same persistence interface as the production
+Pool.read / Pool.write, which stay straight-line code so the interposition costs them nothing.
+tests/btt8/test_steps.py checks that both produce the same media and lane state.
+
+    writer = write_steps(pool, lba, data)
+    for label in writer: ...           # label in WRITE_LABELS, the step has not run yet
+    reader = read_steps(pool, lba, buf)
+    ...; the generator's return value (StopIteration.value) is the read's retry count
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from .core import FLAG_ZERO, LANE_MASK, NFREE_SHIFT, PBA_MASK, Pool
+
+WRITE_LABELS = ("Wstart", "WwriteBlock", "WloadOldCycle", "WloadOldPBA", "WswapMapping",
+                "WpersistMapping", "WupdateCycle", "WputFreeBlock")
+READ_LABELS = ("RloadPreCycle", "RloadPBA", "RloadLaneCycle", "RpersistMapping", "RcopyBlock",
+               "RcheckAtomicity")
+
+
+def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None, bool]:
+    """Pool.write (or Pool.set_zero when data is None) one step at a time. Several writers driven
+    from one thread each get their own lane: the first holds the thread's home lane, the next
+    finds it taken and scans on. Returns whether the swap happened."""
+    pool._check_lba(lba)
+    if data is not None:
+        pool._check_len(data)
+    pmem = pool._pmem
+    yield "Wstart"
+    lane = pool._acquire_lane()
+    try:
+        newpba = pool._lane_free[lane]
+        if data is None:
+            newpba |= FLAG_ZERO
+        else:
+            yield "WwriteBlock"
+            pmem.store_persist(pool._dataoff + newpba * pool.bsize, data)
+        word = pool._tt_word + 2 * lba
+        yield "WloadOldCycle"
+        oldcycle = pmem.load8(word)
+        newcount = pool._lane_count[lane] + 1
+        yield "WloadOldPBA"
+        oldpba = pmem.load8(word + 1)
+        yield "WswapMapping"
+        swapped = pmem.cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba)
+        if swapped:
+            yield "WpersistMapping"
+            pmem.persist(word * 8 + 8, 8)
+            yield "WupdateCycle"
+            pool._lane_count[lane] = newcount
+        yield "WputFreeBlock"
+        if swapped:
+            pool._lane_free[lane] = oldpba & PBA_MASK
+    finally:
+        pool._lane_locks[lane].release()
+    return swapped
+
+
+def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int]:
+    """Pool.read_into one step at a time, retrying until RcheckAtomicity holds. Returns the
+    number of retries (the hungry-reader hand-shake is the production path's business)."""
+    pool._check_lba(lba)
+    pool._check_len(buf)
+    pmem = pool._pmem
+    word = pool._tt_word + 2 * lba
+    retries = 0
+    while True:
+        yield "RloadPreCycle"
+        pre = pmem.load8(word)
+        yield "RloadPBA"
+        pba = pmem.load8(word + 1)
+        yield "RloadLaneCycle"
+        lane_count = pool._lane_count[pre & LANE_MASK]
+        yield "RpersistMapping"
+        if lane_count + 1 == pre >> NFREE_SHIFT:
+            pmem.persist(word * 8 + 8, 8)
+        yield "RcopyBlock"
+        if pba & FLAG_ZERO:
+            buf[:] = bytes(len(buf))
+        else:
+            pmem.load_into(pool._dataoff + (pba & PBA_MASK) * pool.bsize, buf)
+        yield "RcheckAtomicity"
+        if pmem.load8(word) == pre:
+            return retries
+        retries += 1

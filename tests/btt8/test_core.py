@@ -1,0 +1,272 @@
+import errno
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import btt8
+import pytest
+from btt8.core import ENTRY_SIZE, FLAG_ZERO, PBA_MASK, SIG, Pool
+from btt8.pmem import MemoryPmem, devdax_size
+from btt8_helpers import MIB, DurablePmem, pin_home_lane, sha, table_entries
+
+
+@pytest.fixture
+def pool_path(tmp_path: Path) -> Path:
+    path = tmp_path / "pool"
+    btt8.create(path, 512, 16 * MIB).close()
+    return path
+
+
+def block(tag: int, bsize: int = 512) -> bytes:
+    return random.Random(tag).randbytes(bsize)
+
+
+def test_file_round_trip_survives_reopen(pool_path: Path) -> None:
+    with btt8.open(pool_path, 512) as pool:
+        assert (pool.bsize, pool.nblock) == (512, 27678)
+        assert pool.read(0) == bytes(512)
+        pool.write(0, block(1))
+        pool.write(pool.nblock - 1, bytearray(block(2)))
+        pool.write(7, memoryview(block(3)))
+        pool.set_zero(7)
+    with btt8.open(pool_path) as pool:
+        assert pool.read(0) == block(1)
+        assert pool.read(pool.nblock - 1) == block(2)
+        assert pool.read(7) == bytes(512)
+        buf = bytearray(512)
+        pool.read_into(0, buf)
+        assert buf == block(1)
+
+
+def test_create_returns_open_pool_and_refuses_existing(tmp_path: Path) -> None:
+    path = tmp_path / "pool"
+    with btt8.create(path, 512, 16 * MIB, mode=0o600) as pool:
+        pool.write(1, block(1))
+        assert pool.read(1) == block(1)
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(btt8.Btt8Error) as info:
+        btt8.create(path, 512, 16 * MIB)
+    assert info.value.errno == errno.EEXIST
+
+
+def test_open_errors_carry_errno(tmp_path: Path, pool_path: Path) -> None:
+    with pytest.raises(btt8.Btt8Error) as info:
+        btt8.open(tmp_path / "missing", 512)
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(btt8.Btt8Error) as info:
+        btt8.open(pool_path, 4096)
+    assert info.value.errno == errno.EINVAL
+    small = tmp_path / "small"
+    small.write_bytes(bytes(MIB))
+    with pytest.raises(btt8.Btt8Error) as info:
+        btt8.open(small)
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("lba", [-1, 27678, "1", 1.0, None])
+def test_bad_lba_is_einval(mem_pool: Pool, lba: object) -> None:
+    for op in (mem_pool.read, lambda n: mem_pool.write(n, bytes(512)), mem_pool.set_zero,
+               lambda n: mem_pool.read_into(n, bytearray(512))):
+        with pytest.raises(btt8.Btt8Error) as info:
+            op(lba)
+        assert info.value.errno == errno.EINVAL
+
+
+def test_bad_length_is_einval(mem_pool: Pool) -> None:
+    for call in (lambda: mem_pool.write(0, bytes(511)),
+                 lambda: mem_pool.read_into(0, bytearray(513))):
+        with pytest.raises(btt8.Btt8Error) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    assert mem_pool.read(0) == bytes(512)
+
+
+def test_closed_pool_refuses_io(pool_path: Path) -> None:
+    with btt8.open(pool_path) as pool:
+        pass
+    with pytest.raises(ValueError):
+        pool.read(0)
+
+
+def test_second_open_is_ebusy_in_process_and_across_processes(pool_path: Path) -> None:
+    with btt8.open(pool_path):
+        with pytest.raises(btt8.Btt8Error) as info:
+            btt8.open(pool_path)
+        assert info.value.errno == errno.EBUSY
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import btt8; btt8.open({str(pool_path)!r})"],
+            capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "in use by another process" in proc.stderr
+    btt8.open(pool_path).close()  # the lock went away with the pool
+
+
+def test_readonly_open_reads_and_refuses_writes(pool_path: Path) -> None:
+    with btt8.open(pool_path) as pool:
+        pool.write(3, block(3))
+    before = sha(pool_path)
+    with btt8.open(pool_path, readonly=True) as pool:
+        assert pool.read(3) == block(3)
+        with pytest.raises(btt8.Btt8Error) as info:
+            pool.write(3, block(4))
+        assert info.value.errno == errno.EROFS
+    assert sha(pool_path) == before
+
+
+def test_recovery_free_list_is_the_complement_of_the_map() -> None:
+    pmem = MemoryPmem(16 * MIB)
+    pool = btt8.create_on(pmem, 512)
+    rng = random.Random(7)
+    for index, lane in enumerate((5, 9, 4095)):
+        pin_home_lane(pool, lane)
+        for _ in range(300):
+            lba = 32 * index + rng.randrange(64)  # overlapping ranges: every lane survives
+            if rng.random() < 0.2:
+                pool.set_zero(lba)
+            else:
+                pool.write(lba, block(rng.randrange(1000)))
+    entries = table_entries(pool)
+    mapped = {pba & PBA_MASK for _, pba in entries}
+    expected_free = set(range(pool.layout.tblocks)) - mapped
+    expected_counts = [0] * 4096
+    for cycle, _ in entries:
+        expected_counts[cycle & 4095] = max(expected_counts[cycle & 4095], cycle >> 12)
+    live_free, live_counts = pool.lane_state()
+    reopened = Pool(pmem)
+    free, counts = reopened.lane_state()
+    assert len(free) == len(set(free)) == 4096
+    assert set(free) == set(live_free) == expected_free
+    assert counts == expected_counts
+    assert counts[4095] == live_counts[4095] == 300  # the last lane's final write survives
+    assert 0 < counts[5] <= live_counts[5]
+
+
+def test_zero_flag_reads_zero_without_touching_data(mem_pool: Pool) -> None:
+    mem_pool.write(2, block(2))
+    mem_pool.set_zero(2)
+    (_, pba), = table_entries(mem_pool)[2:3]
+    assert pba & FLAG_ZERO
+    assert mem_pool.read(2) == bytes(512)
+    buf = bytearray(b"x" * 512)
+    mem_pool.read_into(2, buf)
+    assert buf == bytes(512)
+
+
+def test_fault_flag_publishes_mapping_before_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+
+    class Recording(DurablePmem):
+        def cas16(self, *args: int) -> bool:
+            order.append("swap")
+            return super().cas16(*args)
+
+        def store_persist(self, off: int, data: bytes | bytearray | memoryview) -> None:
+            order.append("data")
+            super().store_persist(off, data)
+
+    pool = btt8.create_on(Recording(16 * MIB), 512)
+    order.clear()
+    pool.write(0, block(0))
+    assert order == ["data", "swap"]
+    monkeypatch.setenv("BTT8_TEST_FAULT", "publish-before-data")
+    faulty = Pool(pool._pmem)
+    assert faulty._fault_publish_before_data
+    order.clear()
+    faulty.write(0, block(1))
+    assert order == ["swap", "data"]
+    assert faulty.read(0) == block(1)
+    faulty._fault_publish_before_data = False
+    order.clear()
+    faulty.write(0, block(2))
+    assert order == ["data", "swap"]
+
+
+def _corrupt_entry(path: Path, lba: int, pba: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(512 + lba * ENTRY_SIZE + 8)
+        f.write(struct.pack("<Q", pba))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.open("r+b").write(b"PMBLKBX"), "bad signature"),
+    (lambda p: _corrupt_entry(p, 5, 4096 + 9), "PBA 4105 is mapped by both LBA 5 and LBA 9"),
+    (lambda p: _corrupt_entry(p, 5, 4096 + 9), "found 4097 free blocks, expected 4096"),
+    (lambda p: _corrupt_entry(p, 3, 27678 + 4096), "LBA 3 maps to PBA 31774, out of range"),
+    (lambda p: _corrupt_entry(p, 3, (1 << 60) | 7), "LBA 3 maps to PBA"),
+    (lambda p: _corrupt_entry(p, 3, 1 << 61), "out of range"),
+    (lambda p: _write_super_field(p, 3, 4095), "nfree 4095, expected 4096"),
+    (lambda p: _write_super_field(p, 2, 1 << 30), "inconsistent superblock"),
+])
+def test_corruption_is_a_clear_error_and_open_never_writes(
+        pool_path: Path, damage, message: str) -> None:
+    damage(pool_path)
+    before = sha(pool_path)
+    with pytest.raises(btt8.CorruptionError) as info:
+        btt8.open(pool_path, 512)
+    assert message in str(info.value)
+    assert info.value.errno == errno.EUCLEAN
+    assert sha(pool_path) == before
+
+
+def _write_super_field(path: Path, index: int, value: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(index * 8)
+        f.write(struct.pack("<Q", value))
+
+
+def test_create_writes_signature_last() -> None:
+    class Recording(MemoryPmem):
+        stores: list[tuple[int, bytes]] = []
+
+        def store_persist(self, off: int, data: bytes | bytearray | memoryview) -> None:
+            self.stores.append((off, bytes(data)))
+            super().store_persist(off, data)
+
+    pmem = Recording(16 * MIB)
+    pmem.store(0, SIG)  # an old pool being reformatted
+    btt8.create_on(pmem, 512)
+    assert pmem.stores[0] == (0, bytes(8))  # old signature invalidated before anything else
+    assert pmem.stores[-1] == (0, SIG)
+
+
+def test_device_without_devdax_size_is_a_clear_error() -> None:
+    with pytest.raises(btt8.Btt8Error) as info:
+        btt8.create("/dev/null", 4096)
+    assert info.value.errno == errno.ENODEV
+
+
+def test_devdax_size_rounds_down_to_alignment(tmp_path: Path) -> None:
+    dev = tmp_path / "dev" / "char" / "251:0"
+    dev.mkdir(parents=True)
+    (dev / "size").write_text(str((64 << 20) + 4096) + "\n")
+    assert devdax_size(251, 0, sysfs=str(tmp_path)) == 64 << 20
+    (dev / "align").write_text(str(1 << 30))
+    (dev / "size").write_text(str(3 << 30))
+    assert devdax_size(251, 0, sysfs=str(tmp_path)) == 3 << 30
+
+
+def test_file_backend_primitives(tmp_path: Path) -> None:
+    path = tmp_path / "raw"
+    pmem = btt8.MappedPmem(str(path), create_size=MIB)
+    try:
+        pmem.store_persist(5000, b"hello")  # unaligned range: msync must page-align
+        pmem.store_persist(6000, bytearray(b"world"))
+        pmem.store8(10, 2**64 - 1)
+        assert pmem.load8(10) == 2**64 - 1
+        assert pmem.cas16(10, 2**64 - 1, 0, 1, 2)
+        assert not pmem.cas16(10, 2**64 - 1, 0, 3, 4)
+        assert (pmem.load8(10), pmem.load8(11)) == (1, 2)
+        buf = bytearray(5)
+        pmem.load_into(6000, buf)
+        assert buf == b"world"
+        pmem.persist(0, MIB)
+        pmem.fence()
+    finally:
+        pmem.close()
+    data = path.read_bytes()
+    assert data[5000:5005] == b"hello"
+    assert data[80:96] == struct.pack("<QQ", 1, 2)
+    assert os.path.getsize(path) == MIB
