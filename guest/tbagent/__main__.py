@@ -1,0 +1,43 @@
+"""`python3 -m tbagent COMMAND` with the command's config as one JSON object on stdin.
+
+prepare           {"target": T, "lbas": N}
+                  -> {"ok": true, "nblock": n}
+workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
+                   "mix": {"read": w, "write": w, "zero": w}, "ops": n | "duration_s": s,
+                   "resume": [first op index per thread] (default all 0), "events": PATH}
+                  -> {"ok": bool, "errors": [...]}; events stream to PATH as JSON lines
+recover-and-dump  {"target": T, "seed": S, "lbas": N}
+                  -> {"ok": true, "checked": bool (btt8 check ran), "nblock": n,
+                      "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
+T = {"kind": "btt8" | "kernel-btt" | "raw-pmem", "path": str, "bsize": int,
+     "pool_mib": int (prepare of a btt8 pool file only)}
+VALUE = {"kind": "zero"} | {"kind": "write", "write_id": [epoch, thread, op]}
+      | {"kind": "torn", "digest": hex} | {"kind": "phantom", "write_id": [...], "lba": other}
+Exit status: 0 when the JSON result was printed (its "ok" carries the outcome), 2 when the
+config is unusable (a testbed bug).
+"""
+
+import json
+import sys
+
+from tbagent.agent import ConfigError, prepare, recover_and_dump, workload
+
+COMMANDS = {"prepare": prepare, "workload": workload, "recover-and-dump": recover_and_dump}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in COMMANDS:
+        print(f"usage: python3 -m tbagent {{{','.join(COMMANDS)}}} < config.json", file=sys.stderr)
+        return 2
+    try:
+        config = json.load(sys.stdin)
+        result = COMMANDS[argv[0]](config)
+    except (ConfigError, KeyError, TypeError, json.JSONDecodeError) as e:
+        print(f"tbagent {argv[0]}: bad config: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,264 @@
+"""The guest agent's commands: prepare, workload, recover-and-dump (stdlib only).
+
+Every command takes one JSON object on stdin (never a shell string built from scenario values)
+and prints one JSON object on stdout. See __main__.py for the config schema of each command.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+import threading
+import time
+from typing import Any, Protocol
+
+from tbagent.payload import WriteId, decode_block, make_block, op_at
+
+MIB = 1 << 20
+
+
+class ConfigError(ValueError):
+    """The host sent a config the agent cannot run: a testbed bug, not a verdict."""
+
+
+class Target(Protocol):
+    nblock: int
+
+    def read(self, lba: int) -> bytes: ...
+    def write(self, lba: int, data: bytes) -> None: ...
+    def zero(self, lba: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class PoolTarget:
+    """A BTT8 pool on a devdax device or a file in a DAX filesystem; open() runs recovery."""
+
+    def __init__(self, path: str, bsize: int) -> None:
+        import btt8  # deployed beside tbagent; imported late so raw targets work without it
+
+        self.pool = btt8.open(path, bsize)
+        self.nblock = self.pool.nblock
+
+    def read(self, lba: int) -> bytes:
+        return self.pool.read(lba)
+
+    def write(self, lba: int, data: bytes) -> None:
+        self.pool.write(lba, data)
+
+    def zero(self, lba: int) -> None:
+        self.pool.set_zero(lba)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class DeviceTarget:
+    """A block device (raw /dev/pmemN, kernel BTT /dev/pmemNs) or, in host tests, a file.
+
+    Block devices use O_DIRECT so every op reaches the device (no page cache to lose or to
+    serve stale reads); O_DIRECT needs aligned buffers, hence one mmap'd buffer per thread.
+    Regular files (tmpfs has no O_DIRECT) use plain pread/pwrite.
+    """
+
+    def __init__(self, path: str, bsize: int) -> None:
+        self.bsize = bsize
+        self.direct = stat.S_ISBLK(os.stat(path).st_mode)
+        flags = os.O_RDWR | (os.O_DIRECT if self.direct else 0)
+        self.fd = os.open(path, flags)
+        self.nblock = os.lseek(self.fd, 0, os.SEEK_END) // bsize
+        self.local = threading.local()
+
+    def _buffer(self) -> mmap.mmap:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = mmap.mmap(-1, self.bsize)
+        return buf
+
+    def read(self, lba: int) -> bytes:
+        buf = self._buffer()
+        if os.preadv(self.fd, [buf], lba * self.bsize) != self.bsize:
+            raise OSError(f"short read at lba {lba}")
+        return bytes(buf)
+
+    def write(self, lba: int, data: bytes) -> None:
+        buf = self._buffer()
+        buf[:] = data
+        if os.pwritev(self.fd, [buf], lba * self.bsize) != self.bsize:
+            raise OSError(f"short write at lba {lba}")
+
+    def zero(self, lba: int) -> None:
+        self.write(lba, bytes(self.bsize))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def open_target(target: dict[str, Any]) -> Target:
+    kind, path, bsize = target["kind"], target["path"], target["bsize"]
+    if kind == "btt8":
+        return PoolTarget(path, bsize)
+    if kind in ("raw-pmem", "kernel-btt"):
+        return DeviceTarget(path, bsize)
+    raise ConfigError(f"unknown target kind {kind!r}")
+
+
+def device_size(path: str) -> int:
+    """Bytes of a file, block device or devdax character device (whose size only sysfs knows)."""
+    st = os.stat(path)
+    if stat.S_ISCHR(st.st_mode):
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        with open(f"/sys/dev/char/{major}:{minor}/size") as f:
+            return int(f.read())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def prepare(config: dict[str, Any]) -> dict[str, Any]:
+    """Format the target so every LBA of the working set starts as 'zero'."""
+    target, lbas = config["target"], config["lbas"]
+    if target["kind"] == "btt8":
+        import btt8
+
+        pool_mib = target.get("pool_mib")
+        size = pool_mib * MIB if pool_mib else device_size(target["path"])
+        if pool_mib and not os.path.exists(target["path"]):
+            with open(target["path"], "wb") as f:  # an fsdax pool file: sized, then formatted
+                f.truncate(size)
+        btt8.create(target["path"], target["bsize"], size)
+    dev = open_target(target)
+    try:
+        if lbas > dev.nblock:
+            raise ConfigError(f"working set of {lbas} blocks exceeds the target's {dev.nblock}")
+        if target["kind"] != "btt8":  # a fresh BTT8 pool already reads zero everywhere
+            for lba in range(lbas):
+                dev.zero(lba)
+        return {"ok": True, "nblock": dev.nblock}
+    finally:
+        dev.close()
+
+
+class EventLog:
+    """JSON lines, one os.write per line (< PIPE_BUF) on an unbuffered fd: each line reaches
+    the channel whole and in order, and nothing sits in a user-space buffer at the power cut."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        os.write(self.fd, line)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def workload(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the per-thread deterministic op sequences until exhausted, the deadline, or the cut."""
+    seed, epoch, threads = config["seed"], config["epoch"], config["threads"]
+    lbas, mix, bsize = config["lbas"], config["mix"], config["target"]["bsize"]
+    ops, duration_s = config.get("ops"), config.get("duration_s")
+    if (ops is None) == (duration_s is None):
+        raise ConfigError("give exactly one of ops or duration_s")
+    resume = config.get("resume") or [0] * threads
+    if len(resume) != threads:
+        raise ConfigError(f"resume has {len(resume)} offsets for {threads} threads")
+
+    dev = open_target(config["target"])
+    log = EventLog(config["events"])
+    deadline = time.monotonic_ns() + int(duration_s * 1e9) if duration_s is not None else None
+    errors: list[str] = []
+
+    def run(thread: int) -> None:
+        index = resume[thread]
+        end = index + ops if ops is not None else None
+        while (end is None or index < end) and (deadline is None or time.monotonic_ns() < deadline):
+            kind, lba = op_at(seed, thread, index, lbas, mix)
+            base = {"epoch": epoch, "thread": thread, "op": index, "kind": kind, "lba": lba}
+            data = (
+                make_block(seed, lba, WriteId(epoch, thread, index), bsize)
+                if kind == "write"
+                else b""
+            )
+            log.emit({"ev": "invoke", "t": time.monotonic_ns(), **base})
+            try:
+                observed = _apply(dev, kind, lba, data)
+            except OSError as e:
+                # The op's effect is unknown (the host treats it like one cut short); stop the
+                # thread: a failing device makes every later op meaningless.
+                log.emit({"ev": "fail", "t": time.monotonic_ns(), **base, "error": str(e)})
+                errors.append(f"thread {thread} op {index}: {e}")
+                return
+            done = {"ev": "ok", "t": time.monotonic_ns(), **base}
+            if observed is not None:
+                done["value"] = decode_block(observed, seed, lba).to_json()
+            log.emit(done)
+            index += 1
+
+    log.emit(
+        {
+            "ev": "start",
+            "t": time.monotonic_ns(),
+            "epoch": epoch,
+            "seed": seed,
+            "threads": threads,
+            "resume": resume,
+            "pid": os.getpid(),
+        }
+    )
+    workers = [threading.Thread(target=run, args=(t,), name=f"tb-{t}") for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    log.emit({"ev": "done", "t": time.monotonic_ns(), "epoch": epoch, "errors": errors})
+    log.close()
+    dev.close()
+    return {"ok": not errors, "errors": errors}
+
+
+def _apply(dev: Target, kind: str, lba: int, data: bytes) -> bytes | None:
+    if kind == "read":
+        return dev.read(lba)
+    if kind == "write":
+        dev.write(lba, data)
+    else:
+        dev.zero(lba)
+    return None
+
+
+def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
+    """Open the target (BTT8 recovery runs in open), check it, decode every working-set block.
+
+    Any failure to open or check is reported as {"ok": false, "error": ...}: to the oracle
+    that is an `unrecoverable` verdict, not a testbed failure.
+    """
+    target, seed, lbas = config["target"], config["seed"], config["lbas"]
+    try:
+        checked = target["kind"] == "btt8" and btt8_check(target["path"], target["bsize"])
+        dev = open_target(target)
+    except Exception as e:  # whatever recovery raises is the evidence
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    try:
+        blocks = {str(lba): decode_block(dev.read(lba), seed, lba).to_json() for lba in range(lbas)}
+    except Exception as e:  # a pool that opens but cannot be read is unrecoverable
+        return {"ok": False, "error": f"reading after recovery: {type(e).__name__}: {e}"}
+    finally:
+        dev.close()
+    return {"ok": True, "checked": checked, "nblock": dev.nblock, "blocks": blocks}
+
+
+def btt8_check(path: str, bsize: int) -> bool:
+    """Run BTT8's own consistency check (raises when the pool is inconsistent); False when
+    this btt8 has no check function, so only open()'s recovery judged the pool."""
+    import btt8
+
+    check = getattr(btt8, "check", None)
+    if check is None:
+        return False
+    check(path, bsize)
+    return True

@@ -1,0 +1,355 @@
+"""The oracle: was every LBA an atomic (linearizable) register across the power cut?
+
+One cut round (epoch) is judged at a time. The recovery before the round pinned every LBA to
+one value (the round's initial value; 'zero' after prepare), and the recovery after it is a read
+that follows every op of the round in real time, so the whole campaign is linearizable iff each
+round is, given its initial values. Within a round each LBA is checked on its own
+(linearizability is compositional, P-compositional for registers).
+
+Per LBA the check is an exact search for a linearization (Wing & Gong with Lowe's memo of
+(linearized set, register value)). Ops are scanned in invocation order and only those invoked
+before the earliest pending completion are candidates, so the search visits at most
+O(ops x 2^concurrency) states: polynomial for a fixed thread count, and exact even though
+'zero' (initial value and every set_zero) is not a unique value, so it never reports a false
+violation on zero ambiguity.
+
+Modelling:
+- A write or zero without a received `ok` (in flight at the cut, or its ack lost) is
+  indeterminate: it may take effect at any instant after its invoke, or never; it cannot take
+  effect after the cut, so it must precede the recovery read if it shows up there.
+- A read without `ok` tells nothing and is dropped.
+- A surviving write id with no `invoke` received may still be genuine: events stream in order,
+  so only ops after the thread's last received event can be missing. If the deterministic op
+  sequence says that op is a write to this LBA, it is treated as indeterminate, else phantom.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tbagent.payload import ZERO, Decoded, WriteId, op_at
+
+INF = float("inf")
+# How far past a thread's last received event a duration-bound round is assumed to have run
+# unseen. Blocking virtio-serial writes return only once QEMU took the line, so in practice at
+# most the event being written at the cut is missing; this bound is generous.
+UNREPORTED_WINDOW = 256
+VIOLATION_KINDS = ("torn", "phantom", "lost-ack", "read-reverted", "unrecoverable")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op on one LBA. end is INF when no `ok` was received (indeterminate)."""
+
+    kind: str  # write | zero | read | recovered
+    value: Decoded
+    start: float
+    end: float
+    thread: int = -1
+    op: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "value": self.value.to_json()}
+        if self.kind != "recovered":
+            out.update(thread=self.thread, op=self.op, invoke_ns=self.start)
+            out["ok_ns"] = None if self.end == INF else self.end
+        return out
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str
+    lba: int | None
+    detail: str
+    survivor: Decoded | None = None
+    contradicts: Op | None = None  # the acked write rolled back, or the read that reverted
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "lba": self.lba,
+            "detail": self.detail,
+            "survivor": self.survivor.to_json() if self.survivor else None,
+            "contradicts": self.contradicts.to_json() if self.contradicts else None,
+        }
+
+
+@dataclass
+class Verdict:
+    epoch: int
+    violations: list[Violation] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for v in self.violations:
+            counts[v.kind] = counts.get(v.kind, 0) + 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "ok": self.ok,
+            "counts": self.counts(),
+            "violations": [v.to_json() for v in self.violations],
+            "stats": self.stats,
+        }
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events the host received; a line cut short by the power cut is dropped."""
+    events = []
+    for line in Path(path).read_bytes().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def initial_state(recovery: dict[str, Any] | None) -> dict[int, Decoded]:
+    """Values a recovery pinned (the next round's initial values); empty = all zero."""
+    if not recovery or not recovery.get("ok"):
+        return {}
+    return {int(lba): Decoded.from_json(v) for lba, v in recovery["blocks"].items()}
+
+
+def judge(
+    workload: dict[str, Any],
+    events: Iterable[dict[str, Any]],
+    recovery: dict[str, Any],
+    initial: dict[int, Decoded] | None = None,
+) -> Verdict:
+    """Judge one cut round.
+
+    workload: the config the agent's `workload` ran with (seed, epoch, threads, lbas, mix,
+    resume); events: what the host received from it; recovery: recover-and-dump's output;
+    initial: the previous recovery's values (`initial_state`), None for a freshly prepared target.
+    """
+    epoch = workload["epoch"]
+    verdict = Verdict(epoch)
+    if not recovery.get("ok"):
+        error = recovery.get("error", "recover-and-dump failed")
+        verdict.violations.append(Violation("unrecoverable", None, error))
+        return verdict
+    history = _History(workload, [e for e in events if e.get("epoch") == epoch])
+    initial = initial or {}
+    for lba in range(workload["lbas"]):
+        survivor = Decoded.from_json(recovery["blocks"][str(lba)])
+        violation = history.check_lba(lba, initial.get(lba, ZERO), survivor)
+        if violation:
+            verdict.violations.append(violation)
+    verdict.stats = history.stats
+    return verdict
+
+
+class _History:
+    def __init__(self, workload: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        self.seed, self.lbas, self.mix = workload["seed"], workload["lbas"], workload["mix"]
+        self.epoch, self.ops = workload["epoch"], workload.get("ops")
+        threads = workload["threads"]
+        self.resume = workload.get("resume") or [0] * threads
+        invokes: dict[tuple[int, int], dict[str, Any]] = {}
+        results: dict[tuple[int, int], dict[str, Any]] = {}
+        # Per thread: (last op index, time of its last event) the host received.
+        self.last_seen: dict[int, tuple[int, float]] = {}
+        start_t = 0.0
+        for e in events:
+            ev = e.get("ev")
+            if ev == "start":
+                start_t = e["t"]
+            elif ev in ("invoke", "ok", "fail"):
+                key = (e["thread"], e["op"])
+                (invokes if ev == "invoke" else results)[key] = e
+                last = self.last_seen.get(e["thread"], (-1, -INF))
+                self.last_seen[e["thread"]] = (max(last[0], e["op"]), max(last[1], e["t"]))
+        self.start_t = start_t
+        self._next_zero: list[dict[int, int]] | None = None  # per thread: lba -> unseen zero op
+        self.by_lba: dict[int, list[Op]] = {}
+        self.writes: dict[int, dict[WriteId, Op]] = {}
+        stats = dict(acked_writes=0, indeterminate_writes=0, reads=0, unreported_survivors=0)
+        for key, inv in invokes.items():
+            res = results.get(key)
+            acked = res is not None and res["ev"] == "ok"
+            kind, lba = inv["kind"], inv["lba"]
+            end = res["t"] if acked else INF
+            if kind == "read":
+                if not acked or "value" not in res:
+                    continue  # a read cut short observed nothing we know of
+                op = Op("read", Decoded.from_json(res["value"]), inv["t"], end, *key)
+                stats["reads"] += 1
+            else:
+                value = Decoded("write", WriteId(self.epoch, *key)) if kind == "write" else ZERO
+                op = Op(kind, value, inv["t"], end, *key)
+                stats["acked_writes" if acked else "indeterminate_writes"] += 1
+                if kind == "write":
+                    self.writes.setdefault(lba, {})[value.write_id] = op
+            self.by_lba.setdefault(lba, []).append(op)
+        self.stats = stats
+
+    def genuine(self, wid: WriteId, lba: int) -> bool:
+        """Was write id `wid` ever a write to `lba` in this campaign's op sequences?"""
+        kind, target = op_at(self.seed, wid.thread, wid.op, self.lbas, self.mix)
+        return kind == "write" and target == lba and wid.epoch <= self.epoch
+
+    def unreported_write(self, wid: WriteId, lba: int) -> Op | None:
+        """An indeterminate write for a surviving id whose invoke never reached the host."""
+        if wid.epoch != self.epoch or not self.genuine(wid, lba):
+            return None
+        if wid.thread >= len(self.resume) or wid.op < self.resume[wid.thread]:
+            return None
+        last_op, last_t = self.last_seen.get(wid.thread, (-1, self.start_t))
+        if wid.op <= last_op:
+            return None  # its invoke precedes an event we did receive: it was never issued
+        return Op("write", Decoded("write", wid), last_t, INF, wid.thread, wid.op)
+
+    def unreported_zeros(self, lba: int) -> list[Op]:
+        """Indeterminate zero ops to `lba` that a thread may have run after its last received
+        event (zeros carry no id, so a surviving zero cannot name its op)."""
+        if self._next_zero is None:
+            self._next_zero = []
+            for thread, resume in enumerate(self.resume):
+                last_op = self.last_seen.get(thread, (resume - 1, 0))[0]
+                end = resume + self.ops if self.ops is not None else last_op + 1 + UNREPORTED_WINDOW
+                first: dict[int, int] = {}
+                for index in range(last_op + 1, end):
+                    kind, target = op_at(self.seed, thread, index, self.lbas, self.mix)
+                    if kind == "zero":
+                        first.setdefault(target, index)
+                self._next_zero.append(first)
+        found = []
+        for thread, first in enumerate(self._next_zero):
+            if lba in first:
+                last_t = self.last_seen.get(thread, (0, self.start_t))[1]
+                found.append(Op("zero", ZERO, last_t, INF, thread, first[lba]))
+        return found
+
+    def bad_value(self, lba: int, value: Decoded, initial: Decoded) -> str | None:
+        """'torn' or 'phantom' when `value` is no value this LBA could ever hold."""
+        if value == initial:
+            return None
+        if value.kind == "torn":
+            return "torn"
+        if value.kind == "phantom":
+            return "phantom"
+        if value.kind == "write" and not self.genuine(value.write_id, lba):
+            return "phantom"
+        return None
+
+    def check_lba(self, lba: int, initial: Decoded, survivor: Decoded) -> Violation | None:
+        ops = list(self.by_lba.get(lba, []))
+        final = Op("recovered", survivor, INF, INF)
+        if survivor == ZERO:
+            ops.extend(self.unreported_zeros(lba))
+        for op in [*ops, final]:
+            if op.kind not in ("read", "recovered"):
+                continue
+            kind = self.bad_value(lba, op.value, initial)
+            if kind is None:
+                wid = op.value.write_id
+                current = wid is not None and wid.epoch == self.epoch
+                if not current or wid in self.writes.get(lba, {}):
+                    continue
+                unreported = self.unreported_write(wid, lba) if op is final else None
+                if unreported is not None:
+                    self.stats["unreported_survivors"] += 1
+                    ops.append(unreported)
+                    continue
+                kind = "phantom"
+            seen = "survived recovery" if op is final else f"was read by thread {op.thread}"
+            what = {"torn": "a torn block", "phantom": "a value never written to this LBA"}
+            return Violation(
+                kind, lba, f"{what[kind]} {seen}", survivor, None if op is final else op
+            )
+        if linearizable([*ops, final], initial):
+            return None
+        return self._explain(lba, ops, final, initial)
+
+    def _explain(self, lba: int, ops: list[Op], final: Op, initial: Decoded) -> Violation:
+        """Name the violation: lost-ack if writes alone contradict the survivor, else the
+        earliest-completing read whose observation cannot be reconciled."""
+        survivor = final.value
+        updates = [op for op in ops if op.kind != "read"]
+        if not linearizable([*updates, final], initial):
+            # The survivor's producers all completed before some acked update began.
+            producers = [op.end for op in updates if op.value == survivor]
+            producers_end = max(producers, default=-INF)
+            acked = [op for op in updates if op.end != INF and op.value != survivor]
+            later = [op for op in acked if op.start > producers_end] or acked
+            if not later:
+                return Violation(
+                    "read-reverted",
+                    lba,
+                    "the value the previous recovery saw reverted to an older one",
+                    survivor,
+                )
+            return Violation(
+                "lost-ack",
+                lba,
+                "an acknowledged write was rolled back: the surviving value precedes it",
+                survivor,
+                max(later, key=lambda op: op.end),
+            )
+        reads = sorted((op for op in ops if op.kind == "read"), key=lambda op: op.end)
+        lo, hi = 1, len(reads)  # the shortest failing prefix of reads, by binary search
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if linearizable([*updates, *reads[:mid], final], initial):
+                lo = mid + 1
+            else:
+                hi = mid
+        return Violation(
+            "read-reverted",
+            lba,
+            f"thread {reads[lo - 1].thread} read a value that a later state reverted",
+            survivor,
+            reads[lo - 1],
+        )
+
+
+def linearizable(ops: list[Op], initial: Decoded) -> bool:
+    """Is there a legal register order of `ops` consistent with real time?
+
+    Indeterminate ops (end INF) may be left out: the check succeeds once the final
+    'recovered' read (start INF) is linearized, whatever indeterminate ops remain.
+    """
+    ops = sorted(ops, key=lambda op: op.start)
+    seen: set[tuple[int, Decoded]] = set()
+    stack = [(0, initial)]
+    while stack:
+        done, value = stack.pop()
+        first = (~done & (done + 1)).bit_length() - 1  # lowest op not linearized yet
+        horizon = INF
+        for i in range(first, len(ops)):
+            op = ops[i]
+            if op.start > horizon:
+                break  # invoked after a pending op completed: it cannot go next
+            if done >> i & 1:
+                continue
+            horizon = min(horizon, op.end)
+        for i in range(first, len(ops)):
+            op = ops[i]
+            if op.start > horizon:
+                break
+            if done >> i & 1:
+                continue
+            if op.kind in ("read", "recovered"):
+                if op.value != value:
+                    continue
+                if op.kind == "recovered":
+                    return True
+                nxt = (done | 1 << i, value)
+            else:
+                nxt = (done | 1 << i, op.value)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
