@@ -442,7 +442,8 @@ class Pool:
             oldpba = load8(word + 1)
             # WswapMapping
             if self._cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba):
-                # WpersistMapping: only the PBA half has to be durable
+                # WpersistMapping: flush the PBA half; its cycle shares the cache line (entries
+                # are 16-byte aligned), so recovery sees the cycle that goes with the PBA
                 self._persist(word * 8 + 8, 8)
                 # WupdateCycle
                 self._lane_count[lane] = newcount

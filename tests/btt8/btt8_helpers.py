@@ -13,8 +13,8 @@ MIB = 1 << 20
 
 
 class DurablePmem(MemoryPmem):
-    """Visible bytes plus a durable copy that only persist()/store_persist() update, so a test can
-    'cut power' (durable_pool) and see exactly what a missing flush would lose."""
+    """Visible bytes plus a durable copy that only persist()/store_persist() update (by cache
+    line), so a test can cut power and see exactly what a missing flush would lose."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -22,8 +22,10 @@ class DurablePmem(MemoryPmem):
         self.persists: list[tuple[int, int]] = []
 
     def persist(self, off: int, n: int) -> None:
+        # Flushes work on whole 64-byte cache lines, like clwb / pmem_persist.
         self.persists.append((off, n))
-        self.durable[off : off + n] = self._buf[off : off + n]
+        start, end = off & ~63, (off + n + 63) & ~63
+        self.durable[start:end] = self._buf[start:end]
 
     def store_persist(self, off: int, data: bytes | bytearray | memoryview) -> None:
         self.store(off, data)
