@@ -104,32 +104,17 @@ def open_target(target: dict[str, Any]) -> Target:
     raise ConfigError(f"unknown target kind {kind!r}")
 
 
-def device_size(path: str) -> int:
-    """Bytes of a file, block device or devdax character device (whose size only sysfs knows)."""
-    st = os.stat(path)
-    if stat.S_ISCHR(st.st_mode):
-        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        with open(f"/sys/dev/char/{major}:{minor}/size") as f:
-            return int(f.read())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def prepare(config: dict[str, Any]) -> dict[str, Any]:
     """Format the target so every LBA of the working set starts as 'zero'."""
     target, lbas = config["target"], config["lbas"]
     if target["kind"] == "btt8":
         import btt8
 
-        pool_mib = target.get("pool_mib")
-        size = pool_mib * MIB if pool_mib else device_size(target["path"])
-        if pool_mib and not os.path.exists(target["path"]):
-            with open(target["path"], "wb") as f:  # an fsdax pool file: sized, then formatted
-                f.truncate(size)
-        btt8.create(target["path"], target["bsize"], size)
+        path, pool_mib = target["path"], target.get("pool_mib")
+        if pool_mib and os.path.isfile(path):
+            os.unlink(path)  # a pool file from an earlier run: btt8.create refuses to overwrite
+        # A device is formatted in place (its whole size when pool_mib is absent).
+        btt8.create(path, target["bsize"], (pool_mib or 0) * MIB).close()
     dev = open_target(target)
     try:
         if lbas > dev.nblock:
