@@ -318,6 +318,8 @@ class VM:
         while True:
             if not self.is_running():
                 raise self._err(VMError, "QEMU exited while waiting for SSH")
+            if "Kernel panic" in self.console_tail(30):
+                raise self._err(VMError, f"guest {self.config.name} kernel panicked while booting")
             try:
                 guest.wait_ready(min(deadline, time.monotonic() + 2.0))
                 return time.monotonic() - (self.launched_at or 0.0)
