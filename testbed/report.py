@@ -1,0 +1,360 @@
+"""junit.xml and report.html, rebuilt from a run folder's files alone (`testbed report RUN_DIR`).
+
+The page is self-contained: inline CSS and SVG, no scripts, no external assets.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from testbed.oracle import read_events
+from testbed.results import EVENTS, VERDICT, write_bytes_atomic, write_text_atomic
+
+KIND_COLOURS = {"write": "#3b82c4", "zero": "#9aa5b1", "read": "#4caf6e"}
+PHASE_COLOURS = ["#3b82c4", "#e0a030", "#4caf6e", "#b05cc4", "#d9534f", "#5bc0de", "#8d6e63"]
+TIMELINE_OPS = 160  # the last ops before the cut: where the interesting overlaps are
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    summary = _read_json(run_dir / "summary.json") or {}
+    manifest = _read_json(run_dir / "manifest.json") or {}
+    cuts = [v for p in run_dir.glob(f"cut-*/{VERDICT}") if (v := _read_json(p))]
+    return summary, manifest, sorted(cuts, key=lambda c: c["cut"])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_junit(run_dir: str | Path) -> Path:
+    """One testcase per cut; a cut with violations is a failure, a testbed failure an error."""
+    run_dir = Path(run_dir)
+    summary, _, cuts = load_run(run_dir)
+    name = summary.get("scenario", run_dir.name)
+    failure = summary.get("failure")
+    suite = ET.Element(
+        "testsuite",
+        name=f"testbed.{name}",
+        tests=str(len(cuts) + (1 if failure else 0)),
+        failures=str(sum(1 for c in cuts if not c["ok"])),
+        errors="1" if failure else "0",
+        time=f"{sum(c['wall_s'] for c in cuts):.3f}",
+    )
+    for c in cuts:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"testbed.{name}",
+            name=f"cut-{c['cut']}",
+            time=f"{c['wall_s']:.3f}",
+        )
+        if not c["ok"]:
+            counts = ", ".join(f"{k} x{n}" for k, n in c["counts"].items())
+            node = ET.SubElement(case, "failure", message=counts, type="violation")
+            node.text = "\n".join(_evidence_line(v) for v in c["violations"])
+    if failure:
+        case = ET.SubElement(suite, "testcase", classname=f"testbed.{name}", name="testbed")
+        ET.SubElement(case, "error", message=failure, type="testbed-failure")
+    path = run_dir / "junit.xml"
+    write_bytes_atomic(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+    return path
+
+
+def _evidence_line(v: dict[str, Any]) -> str:
+    where = f"lba {v['lba']}: " if v["lba"] is not None else ""
+    parts = [f"{v['kind']}: {where}{v['detail']}"]
+    if v.get("survivor"):
+        parts.append(f"survivor {_value(v['survivor'])}")
+    if c := v.get("contradicts"):
+        ok = "no ack" if c.get("ok_ns") is None else f"ok {c['ok_ns']}"
+        parts.append(
+            f"vs {c['kind']} thread {c.get('thread')} op {c.get('op')} "
+            f"({_value(c['value'])}, invoke {c.get('invoke_ns')}, {ok})"
+        )
+    return "; ".join(parts)
+
+
+def _value(v: dict[str, Any]) -> str:
+    if v["kind"] == "write":
+        return "write " + "/".join(map(str, v["write_id"]))
+    if v["kind"] == "phantom":
+        return f"phantom of lba {v.get('lba')} " + "/".join(map(str, v.get("write_id") or []))
+    if v["kind"] == "torn":
+        return f"torn #{v.get('digest', '')[:8]}"
+    return v["kind"]
+
+
+# --- the HTML page -----------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#1d2430}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin:18px 0 6px}
+table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;
+text-align:left;vertical-align:top} th{background:#f4f6f8}
+.badge{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:600}
+.passed{background:#2e8b57} .violations{background:#c62828} .testbed-failure{background:#e08a00}
+.running{background:#607d8b} .ok{color:#2e8b57;font-weight:600} .bad{color:#c62828;font-weight:600}
+.muted{color:#68707a} code,pre{font:12px/1.4 ui-monospace,monospace} pre{background:#f6f8fa;
+padding:8px;overflow-x:auto;white-space:pre-wrap} svg{display:block;margin:6px 0}
+details{margin:8px 0} summary{cursor:pointer}
+"""
+
+
+def render_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    summary, manifest, cuts = load_run(run_dir)
+    status = summary.get("status", "running")
+    title = f"testbed run {summary.get('run_id', run_dir.name)}"
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        f'<p><span class="badge {escape(status)}">{escape(status)}</span> '
+        f"scenario <b>{escape(str(summary.get('scenario', '?')))}</b> · target "
+        f"<b>{escape(str(summary.get('target', '?')))}</b> · "
+        f"seed {escape(str(manifest.get('seed')))}"
+        "</p>",
+    ]
+    if summary.get("failure"):
+        body.append(f'<p class="bad">Testbed failure: {escape(summary["failure"])}</p>')
+    body += _summary_section(summary)
+    body += _phases_section(summary, cuts)
+    body += _verdict_table(cuts)
+    body += [_cut_section(run_dir, c) for c in cuts]
+    body += _manifest_section(manifest)
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    path = run_dir / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _summary_section(s: dict[str, Any]) -> list[str]:
+    violations = s.get("violations") or {}
+    vtext = ", ".join(f"{k}: {n}" for k, n in violations.items()) or "none"
+    rows = [
+        ("Cuts", f"{s.get('cuts', 0)} of {s.get('cuts_planned', '?')}"),
+        ("Violations", vtext),
+        ("Cuts with violations", s.get("cuts_with_violations", 0)),
+        ("Cuts per minute", s.get("cuts_per_min", 0)),
+        ("Elapsed", _duration(s.get("elapsed_s", 0))),
+        ("Exit code", s.get("exit_code")),
+    ]
+    cells = "".join(f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    return ["<h2>Summary</h2>", f"<table>{cells}</table>"]
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(float(seconds), 60)
+    return f"{int(minutes)}m{secs:04.1f}s" if minutes else f"{secs:.1f}s"
+
+
+def _phases_section(summary: dict[str, Any], cuts: list[dict[str, Any]]) -> list[str]:
+    phases = summary.get("phases_s") or {}
+    if not phases:
+        return []
+    colours = {p: PHASE_COLOURS[i % len(PHASE_COLOURS)] for i, p in enumerate(phases)}
+    return [
+        "<h2>Time breakdown</h2>",
+        "<h3>Total seconds per phase</h3>",
+        _phase_bars(phases, colours),
+        "<h3>Seconds per cut</h3>",
+        _cut_stacks(cuts, colours),
+    ]
+
+
+def _phase_bars(phases: dict[str, float], colours: dict[str, str]) -> str:
+    width, label_w, bar_h = 760, 110, 22
+    longest = max(phases.values()) or 1.0
+    rows = []
+    for i, (phase, secs) in enumerate(phases.items()):
+        y = i * (bar_h + 6)
+        w = (width - label_w - 90) * secs / longest
+        rows.append(
+            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(phase)}</text>'
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colours[phase]}">'
+            f"<title>{escape(phase)}: {secs:.1f} s</title></rect>"
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{_duration(secs)}</text>'
+        )
+    height = len(phases) * (bar_h + 6)
+    return _svg(width, height, "".join(rows))
+
+
+def _cut_stacks(cuts: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    if not cuts:
+        return '<p class="muted">No cut finished yet.</p>'
+    width, height, left, bottom = 760, 180, 40, 34
+    longest = max(c["wall_s"] for c in cuts) or 1.0
+    slot = (width - left) / len(cuts)
+    bar_w = max(2.0, min(28.0, slot * 0.7))
+    parts = [
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" '
+        'stroke="#999"/>',
+        f'<text x="0" y="12" class="muted">{_duration(longest)}</text>',
+    ]
+    for i, c in enumerate(cuts):
+        x = left + i * slot + (slot - bar_w) / 2
+        y = height - bottom
+        for phase, secs in c["phases_s"].items():
+            h = (height - bottom - 16) * secs / longest
+            y -= h
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
+                f'fill="{colours.get(phase, "#888")}"><title>cut {c["cut"]} {escape(phase)}: '
+                f"{secs:.1f} s</title></rect>"
+            )
+        if len(cuts) <= 40 or i % 5 == 0:
+            parts.append(
+                f'<text x="{x + bar_w / 2:.1f}" y="{height - bottom + 14}" text-anchor="middle">'
+                f"{c['cut']}</text>"
+            )
+    legend_x = left
+    for phase, colour in colours.items():
+        parts.append(
+            f'<rect x="{legend_x}" y="{height - 12}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{legend_x + 14}" y="{height - 3}">{escape(phase)}</text>'
+        )
+        legend_x += 24 + 8 * len(phase)
+    return _svg(width, height, "".join(parts))
+
+
+def _svg(width: float, height: float, inner: str) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-size="12" font-family="system-ui,sans-serif">'
+        f"{inner}</svg>"
+    )
+
+
+def _verdict_table(cuts: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for c in cuts:
+        verdict = (
+            '<span class="ok">ok</span>'
+            if c["ok"]
+            else (
+                '<span class="bad">'
+                + escape(", ".join(f"{k} x{n}" for k, n in c["counts"].items()))
+                + "</span>"
+            )
+        )
+        stats = c.get("stats") or {}
+        cut_at = "" if c.get("cut_at_s") is None else f"{c['cut_at_s']:.2f}"
+        rows.append(
+            f'<tr><td><a href="#cut-{c["cut"]}">cut {c["cut"]}</a></td><td>{verdict}</td>'
+            f"<td>{stats.get('acked_writes', '')}</td>"
+            f"<td>{stats.get('indeterminate_writes', '')}</td>"
+            f"<td>{stats.get('reads', '')}</td><td>{cut_at}</td><td>{_duration(c['wall_s'])}</td>"
+            f"<td>{'crash image kept' if c.get('crash_image') else ''}</td></tr>"
+        )
+    head = (
+        "<tr><th>Cut</th><th>Verdict</th><th>Acked updates</th><th>In flight</th><th>Reads</th>"
+        "<th>Cut at (s)</th><th>Wall</th><th></th></tr>"
+    )
+    return ["<h2>Verdicts</h2>", f"<table>{head}{''.join(rows)}</table>"]
+
+
+def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
+    n = c["cut"]
+    events_path = run_dir / f"cut-{n}" / EVENTS
+    events = read_events(events_path) if events_path.exists() else []
+    bad_lbas = {v["lba"] for v in c["violations"] if v["lba"] is not None}
+    parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
+    if c["violations"]:
+        items = "".join(
+            f"<li><code>{escape(_evidence_line(v))}</code></li>" for v in c["violations"]
+        )
+        parts.append(f"<ul>{items}</ul>")
+    parts.append(_timeline(events, c.get("cut_at_s"), bad_lbas))
+    links = " · ".join(
+        f'<a href="cut-{n}/{name}">{name}</a>'
+        for name in ("console.log", "qmp-events.log", EVENTS, "recovery.json", VERDICT)
+        if (run_dir / f"cut-{n}" / name).exists()
+    )
+    parts.append(f'<p class="muted">{links}</p>')
+    return "\n".join(parts)
+
+
+def _timeline(events: list[dict[str, Any]], cut_at_s: float | None, bad_lbas: set[int]) -> str:
+    """Op intervals per thread (the last TIMELINE_OPS before the cut), ops cut short drawn up
+    to the cut line with a red outline, ops on LBAs with a violation outlined in black."""
+    start = next((e["t"] for e in events if e.get("ev") == "start"), None)
+    invokes = {(e["thread"], e["op"]): e for e in events if e.get("ev") == "invoke"}
+    results = {(e["thread"], e["op"]): e for e in events if e.get("ev") in ("ok", "fail")}
+    if start is None or not invokes:
+        return '<p class="muted">No workload events were received before this cut.</p>'
+    last_t = max(e["t"] for e in events)
+    cut_t = start + cut_at_s * 1e9 if cut_at_s is not None else last_t
+    cut_t = max(cut_t, last_t)  # host and guest clocks differ; never draw ops past the cut
+    shown = sorted(invokes.values(), key=lambda e: e["t"])[-TIMELINE_OPS:]
+    t0 = shown[0]["t"]
+    threads = sorted({e["thread"] for e in invokes.values()})
+    width, left, row_h, top = 1000, 70, 22, 8
+    span = max(cut_t - t0, 1) * 1.04
+    scale = (width - left - 10) / span
+    parts = []
+    for i, th in enumerate(threads):
+        y = top + i * row_h
+        parts.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">thread {th}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{y + row_h - 2}" x2="{width}" y2="{y + row_h - 2}" '
+            'stroke="#eee"/>'
+        )
+    for inv in shown:
+        key = (inv["thread"], inv["op"])
+        res = results.get(key)
+        acked = res is not None and res["ev"] == "ok"
+        end = res["t"] if acked else cut_t
+        x = left + (inv["t"] - t0) * scale
+        w = max(1.5, (end - inv["t"]) * scale)
+        y = top + threads.index(inv["thread"]) * row_h + 3
+        stroke = ' stroke="#000" stroke-width="1.5"' if inv["lba"] in bad_lbas else ""
+        if not acked:
+            stroke = ' stroke="#c62828" stroke-width="1.5" stroke-dasharray="3 2"'
+        seen = ""
+        if res is not None and "value" in res:
+            seen = f" saw {_value(res['value'])}"
+        status = "ok" if acked else ("failed" if res else "in flight at the cut")
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 8}" rx="2" '
+            f'fill="{KIND_COLOURS.get(inv["kind"], "#888")}"{stroke}><title>{inv["kind"]} lba '
+            f"{inv['lba']} op {inv['op']} ({status}){escape(seen)}, "
+            f"t+{(inv['t'] - start) / 1e9:.4f} s</title></rect>"
+        )
+    cut_x = left + (cut_t - t0) * scale
+    bottom = top + len(threads) * row_h
+    parts.append(
+        f'<line x1="{cut_x:.1f}" y1="0" x2="{cut_x:.1f}" y2="{bottom + 4}" stroke="#c62828" '
+        f'stroke-width="2"/><text x="{cut_x - 4:.1f}" y="{bottom + 16}" text-anchor="end" '
+        'fill="#c62828">cut</text>'
+    )
+    parts.append(
+        f'<text x="{left}" y="{bottom + 16}" class="muted">t+{(t0 - start) / 1e9:.3f} s</text>'
+    )
+    legend = " ".join(
+        f'<span style="color:{colour}">■</span> {kind}' for kind, colour in KIND_COLOURS.items()
+    )
+    caption = (
+        f'<p class="muted">Last {len(shown)} ops before the cut. {legend} · dashed red: no ack '
+        "received · black outline: LBA with a violation.</p>"
+    )
+    return _svg(width, bottom + 22, "".join(parts)) + caption
+
+
+def _manifest_section(manifest: dict[str, Any]) -> list[str]:
+    text = escape(json.dumps(manifest, indent=2))
+    return [
+        "<h2>Manifest</h2>",
+        f"<details><summary>versions, accelerator, command lines</summary><pre>{text}</pre>"
+        "</details>",
+    ]

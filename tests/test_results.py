@@ -1,0 +1,193 @@
+"""Results folder, summary, JUnit and the HTML report of a synthetic run."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tbagent.payload import ZERO, Decoded, WriteId
+
+from testbed.oracle import judge
+from testbed.report import render_report
+from testbed.results import (
+    CRASH_IMAGE,
+    EVENTS,
+    RunResults,
+    exit_code,
+    progress_line,
+)
+from testbed.scenario import load_scenario
+
+SMOKE = Path(__file__).parent.parent / "scenarios" / "smoke.yaml"
+MIX = {"read": 1.0, "write": 1.0, "zero": 0.0}
+PHASES = {"boot": 8.0, "workload": 3.5, "cut": 0.2, "recover": 6.1, "judge": 0.05}
+
+
+def synthetic_cut(cut_dir: Path, epoch: int, lose_ack: bool) -> dict[str, Any]:
+    """Two threads writing lba 0 and reading; if lose_ack, recovery shows the older write."""
+    config = {"seed": 1, "epoch": epoch, "threads": 2, "lbas": 1, "mix": MIX, "resume": [0, 0]}
+    events: list[dict[str, Any]] = [{"ev": "start", "t": 1_000, "epoch": epoch}]
+    from tbagent.payload import op_at
+
+    t, last = 2_000, ZERO
+    survivors = []
+    for thread in (0, 1):
+        for op in range(12):
+            kind, lba = op_at(1, thread, op, 1, MIX)
+            base = {"epoch": epoch, "thread": thread, "op": op, "kind": kind, "lba": lba}
+            events.append({"ev": "invoke", "t": t, **base})
+            ok = {"ev": "ok", "t": t + 700, **base}
+            if kind == "read":
+                ok["value"] = last.to_json()
+            else:
+                last = Decoded("write", WriteId(epoch, thread, op))
+                survivors.append(last)
+            if not (thread == 1 and op == 11):  # the last op is in flight at the cut
+                events.append(ok)
+            t += 1_000
+    (cut_dir / EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events))
+    acked = [s for s in survivors if s.write_id != (epoch, 1, 11)]
+    survivor = acked[-3] if lose_ack else acked[-1]
+    recovery = {"ok": True, "blocks": {"0": survivor.to_json()}}
+    return judge(config, events, recovery).to_json()
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunResults:
+    scenario = load_scenario(SMOKE)
+    manifest = {
+        "qemu": "QEMU emulator version 8.2",
+        "kernel": "6.1.0",
+        "accel": "tcg",
+        "commands": {"qemu": ["qemu-system-x86_64", "-m", "768"]},
+    }
+    return RunResults.create(tmp_path / "results", scenario, SMOKE, manifest, run_id="r1")
+
+
+def record_three_cuts(run: RunResults, tmp_path: Path) -> None:
+    image = tmp_path / "nvdimm.img"
+    image.write_bytes(b"pmem" * 1024)
+    run.record_phase("boot", 25.0)
+    for n in (1, 2, 3):
+        verdict = synthetic_cut(run.cut_dir(n), n - 1, lose_ack=(n == 2))
+        (run.cut_dir(n) / "console.log").write_text("[    0.000000] Linux version 6.1\n")
+        run.record_cut(n, verdict, PHASES, crash_image=image, cut_at_s=0.0262)
+
+
+def test_layout_summary_and_exit_code(run: RunResults, tmp_path: Path) -> None:
+    record_three_cuts(run, tmp_path)
+    assert run.finish() == 1
+    d = run.run_dir
+    assert d.name == "r1"
+    assert (d / "scenario.yaml").read_text() == SMOKE.read_text()
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["seed"] == 1 and manifest["accel"] == "tcg"
+    assert manifest["testbed"]["version"] and manifest["testbed"]["git_rev"]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["cuts"] == 3 and isinstance(summary["cuts"], int)
+    assert summary["violations"] == {"lost-ack": 1}
+    assert isinstance(summary["cuts_per_min"], float) and summary["cuts_per_min"] > 0
+    assert summary["phases_s"]["boot"] == pytest.approx(25.0 + 3 * 8.0)
+    assert summary["phases_s"]["recover"] == pytest.approx(3 * 6.1)
+    assert summary["status"] == "violations" and summary["exit_code"] == 1
+    # the crash image is kept only for the cut with a violation
+    assert [n for n in (1, 2, 3) if (d / f"cut-{n}" / CRASH_IMAGE).exists()] == [2]
+    verdict = json.loads((d / "cut-2" / "verdict.json").read_text())
+    assert verdict["violations"][0]["kind"] == "lost-ack"
+    assert verdict["violations"][0]["contradicts"]["ok_ns"] is not None
+    assert not list(d.rglob(".*"))  # no temporary files left behind
+
+
+def test_junit_parses_with_one_testcase_per_cut(run: RunResults, tmp_path: Path) -> None:
+    record_three_cuts(run, tmp_path)
+    run.finish()
+    suite = ET.parse(run.run_dir / "junit.xml").getroot()
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["cut-1", "cut-2", "cut-3"]
+    assert suite.get("failures") == "1" and suite.get("errors") == "0"
+    failure = cases[1].find("failure")
+    assert failure is not None and "lost-ack" in failure.get("message")
+    assert "lba 0" in failure.text
+
+
+def test_report_is_self_contained_with_timelines_and_phase_plot(
+    run: RunResults, tmp_path: Path
+) -> None:
+    record_three_cuts(run, tmp_path)
+    run.finish()
+    html = (run.run_dir / "report.html").read_text()
+    assert html.count("<svg") == 2 + 3  # phase totals, per-cut stacks, one timeline per cut
+    assert 'id="cut-2"' in html and "lost-ack" in html
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org", "")
+
+
+def test_render_report_rebuilds_from_files_alone(run: RunResults, tmp_path: Path) -> None:
+    record_three_cuts(run, tmp_path)
+    run.finish()
+    page = run.run_dir / "report.html"
+    before = page.read_text()
+    page.unlink()
+    assert render_report(run.run_dir) == page
+    assert page.read_text() == before
+
+
+def test_interrupted_run_keeps_finished_cuts(run: RunResults, tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(b"x")
+    verdict = synthetic_cut(run.cut_dir(1), 0, lose_ack=False)
+    run.record_cut(1, verdict, PHASES, crash_image=image)
+    # the process dies here: no finish()
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["cuts"] == 1 and summary["status"] == "running"
+    assert ET.parse(run.run_dir / "junit.xml").getroot().findall("testcase")
+    assert "cut 1" in (run.run_dir / "report.html").read_text()
+    assert not (run.run_dir / "cut-1" / CRASH_IMAGE).exists()
+
+
+def test_testbed_failure_and_incomplete_runs_are_never_a_pass(
+    run: RunResults, tmp_path: Path
+) -> None:
+    verdict = synthetic_cut(run.cut_dir(1), 0, lose_ack=False)
+    run.record_cut(1, verdict, PHASES)
+    run.record_failure("guest did not reach ssh within 300 s")
+    assert run.finish() == 2
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "testbed-failure" and "ssh" in summary["failure"]
+    suite = ET.parse(run.run_dir / "junit.xml").getroot()
+    assert suite.get("errors") == "1"
+
+
+def test_clean_complete_run_exits_0(run: RunResults) -> None:
+    for n in (1, 2, 3):
+        run.record_cut(n, synthetic_cut(run.cut_dir(n), n - 1, lose_ack=False), PHASES)
+    assert run.finish() == 0
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["violations"] == {} and summary["status"] == "passed"
+
+
+def test_short_run_without_failure_is_a_testbed_failure(run: RunResults) -> None:
+    run.record_cut(1, synthetic_cut(run.cut_dir(1), 0, lose_ack=False), PHASES)
+    assert run.finish() == 2
+
+
+def test_run_ids_never_collide(tmp_path: Path) -> None:
+    scenario = load_scenario(SMOKE)
+    a = RunResults.create(tmp_path, scenario, SMOKE, {})
+    b = RunResults.create(tmp_path, scenario, SMOKE, {})
+    assert a.run_dir != b.run_dir and a.run_dir.name.endswith("smoke")
+
+
+def test_exit_code_precedence() -> None:
+    assert exit_code(0, False) == 0
+    assert exit_code(3, False) == 1
+    assert exit_code(3, True) == 2
+    assert exit_code(0, True) == 2
+
+
+def test_progress_line() -> None:
+    assert progress_line(3, 24, "recover", 247.9, 2) == (
+        "cut 3/24  recover   elapsed 4m07s  violations 2"
+    )
