@@ -25,6 +25,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from itertools import count, repeat
 from types import TracebackType
 
@@ -235,7 +236,14 @@ _thread_ids = count(1)
 
 
 class Pool:
-    """An open BTT8 pool (libpmemblk-style). Thread-safe; one process at a time (flock)."""
+    """An open BTT8 pool (libpmemblk-style). Thread-safe; one process at a time (flock).
+
+    read(lba) -> bytes, read_into(lba, buf) and write(lba, data) are closures built by
+    _hot_paths at open: everything they touch is a closure variable, not an attribute."""
+
+    read: Callable[[int], bytes]
+    read_into: Callable[[int, bytearray | memoryview], None]
+    write: Callable[[int, bytes | bytearray | memoryview], None]
 
     def __init__(self, pmem: Pmem, path: str | None = None) -> None:
         self.path = path
@@ -259,11 +267,12 @@ class Pool:
         self._hungry_lock = threading.Lock()
         # Hot-path bindings of the persistence interface (one attribute load per call).
         self._load8 = pmem.load8
-        self._load = pmem.load
-        self._load_into = pmem.load_into
+        self._visible = pmem.visible
         self._store_persist = pmem.store_persist
         self._persist = pmem.persist
         self._cas16 = pmem.cas16
+        self.read, self.read_into, self._write_correct = _hot_paths(self)
+        self.write = self._write_correct
         if os.environ.get("BTT8_TEST_FAULT") == "publish-before-data":
             self._fault_publish_before_data = True
 
@@ -271,14 +280,11 @@ class Pool:
     # the crash testbed must catch. Set from BTT8_TEST_FAULT=publish-before-data in the guest.
     @property
     def _fault_publish_before_data(self) -> bool:
-        return self.__dict__.get("write") == self._write_publish_before_data
+        return self.write == self._write_publish_before_data
 
     @_fault_publish_before_data.setter
     def _fault_publish_before_data(self, on: bool) -> None:
-        if on:
-            self.write = self._write_publish_before_data  # type: ignore[method-assign]
-        else:
-            self.__dict__.pop("write", None)
+        self.write = self._write_publish_before_data if on else self._write_correct
 
     @property
     def persist_mode(self) -> str:
@@ -335,56 +341,6 @@ class Pool:
 
     # -- read ---------------------------------------------------------------------------------
 
-    def read(self, lba: int) -> bytes:
-        """The block's current content as bytes."""
-        if type(lba) is not int or not 0 <= lba < self.nblock:
-            self._check_lba(lba)
-        word = self._tt_word + 2 * lba
-        load8 = self._load8
-        # RloadPreCycle
-        pre = load8(word)
-        # RloadPBA
-        pba = load8(word + 1)
-        # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
-        # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
-        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
-            self._persist(word * 8 + 8, 8)
-        # RcopyBlock
-        if pba & FLAG_ZERO:
-            data = self._zero_block
-        else:
-            data = self._load(self._dataoff + (pba & PBA_MASK) * self.bsize, self.bsize)
-        # RcheckAtomicity
-        if load8(word) == pre:
-            return data
-        buf = bytearray(self.bsize)
-        self._read_retry(word, buf)
-        return bytes(buf)
-
-    def read_into(self, lba: int, buf: bytearray | memoryview) -> None:
-        """Copy the block into a writable buffer of exactly bsize bytes (no allocation)."""
-        if type(lba) is not int or not 0 <= lba < self.nblock:
-            self._check_lba(lba)
-        if len(buf) != self.bsize:
-            self._check_len(buf)
-        word = self._tt_word + 2 * lba
-        load8 = self._load8
-        # RloadPreCycle
-        pre = load8(word)
-        # RloadPBA
-        pba = load8(word + 1)
-        # RloadLaneCycle, RpersistMapping
-        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
-            self._persist(word * 8 + 8, 8)
-        # RcopyBlock
-        if pba & FLAG_ZERO:
-            buf[:] = self._zero_block
-        else:
-            self._load_into(self._dataoff + (pba & PBA_MASK) * self.bsize, buf)
-        # RcheckAtomicity
-        if load8(word) != pre:
-            self._read_retry(word, buf)
-
     def _try_one_read(self, word: int, buf: bytearray | memoryview) -> bool:
         load8 = self._load8
         # RloadPreCycle
@@ -398,7 +354,8 @@ class Pool:
         if pba & FLAG_ZERO:
             buf[:] = self._zero_block
         else:
-            self._load_into(self._dataoff + (pba & PBA_MASK) * self.bsize, buf)
+            off = self._dataoff + (pba & PBA_MASK) * self.bsize
+            buf[:] = self._visible[off : off + self.bsize]
         # RcheckAtomicity
         return load8(word) == pre
 
@@ -418,40 +375,6 @@ class Pool:
                 self._hungry[0] -= 1
 
     # -- write --------------------------------------------------------------------------------
-
-    def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
-        """Atomically replace the block (bytes is the fastest argument type)."""
-        if type(lba) is not int or not 0 <= lba < self.nblock:
-            self._check_lba(lba)
-        if len(data) != self.bsize:
-            self._check_len(data)
-        if self._hungry[0]:
-            self._wait_for_hungry_readers()
-        # Wstart: claim a lane and its free block
-        lane = self._acquire_lane()
-        try:
-            newpba = self._lane_free[lane]
-            # WwriteBlock: copy the data into the free block and persist it
-            self._store_persist(self._dataoff + newpba * self.bsize, data)
-            word = self._tt_word + 2 * lba
-            load8 = self._load8
-            # WloadOldCycle
-            oldcycle = load8(word)
-            newcount = self._lane_count[lane] + 1
-            # WloadOldPBA
-            oldpba = load8(word + 1)
-            # WswapMapping
-            if self._cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba):
-                # WpersistMapping: flush the PBA half; its cycle shares the cache line (entries
-                # are 16-byte aligned), so recovery sees the cycle that goes with the PBA
-                self._persist(word * 8 + 8, 8)
-                # WupdateCycle
-                self._lane_count[lane] = newcount
-                # WputFreeBlock: the old block becomes this lane's free block
-                self._lane_free[lane] = oldpba & PBA_MASK
-            # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
-        finally:
-            self._lane_locks[lane].release()
 
     def set_zero(self, lba: int) -> None:
         """Make the block read as zeros by mapping it with the ZERO flag (no data written)."""
@@ -493,6 +416,102 @@ class Pool:
             self._store_persist(self._dataoff + newpba * self.bsize, data)
         finally:
             self._lane_locks[lane].release()
+
+
+def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
+    """The production read, read_into and write, each PlusCal step labelled. btt8.steps has the
+    same steps as generators for interleaving; these stay straight-line for speed."""
+    nblock, bsize, dataoff, tt_word = pool.nblock, pool.bsize, pool._dataoff, pool._tt_word
+    words, persist, cas16 = pool._pmem.visible_words, pool._persist, pool._cas16
+    store_persist, visible = pool._store_persist, pool._visible
+    lane_count, lane_free, lane_locks = pool._lane_count, pool._lane_free, pool._lane_locks
+    acquire_lane, hungry, zero_block = pool._acquire_lane, pool._hungry, pool._zero_block
+    check_lba, check_len, read_retry = pool._check_lba, pool._check_len, pool._read_retry
+
+    def read(lba: int) -> bytes:
+        """The block's current content as bytes."""
+        if type(lba) is not int or not 0 <= lba < nblock:
+            check_lba(lba)
+        word = tt_word + 2 * lba
+        # RloadPreCycle
+        pre = words[word]
+        # RloadPBA
+        pba = words[word + 1]
+        # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
+        # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
+        if lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+            persist(word * 8 + 8, 8)
+        # RcopyBlock
+        if pba & FLAG_ZERO:
+            data = zero_block
+        else:
+            off = dataoff + (pba & PBA_MASK) * bsize
+            data = visible[off : off + bsize].tobytes()
+        # RcheckAtomicity
+        if words[word] == pre:
+            return data
+        buf = bytearray(bsize)
+        read_retry(word, buf)
+        return bytes(buf)
+
+    def read_into(lba: int, buf: bytearray | memoryview) -> None:
+        """Copy the block into a writable buffer of exactly bsize bytes (no allocation)."""
+        if type(lba) is not int or not 0 <= lba < nblock:
+            check_lba(lba)
+        if len(buf) != bsize:
+            check_len(buf)
+        word = tt_word + 2 * lba
+        # RloadPreCycle
+        pre = words[word]
+        # RloadPBA
+        pba = words[word + 1]
+        # RloadLaneCycle, RpersistMapping
+        if lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+            persist(word * 8 + 8, 8)
+        # RcopyBlock
+        if pba & FLAG_ZERO:
+            buf[:] = zero_block
+        else:
+            off = dataoff + (pba & PBA_MASK) * bsize
+            buf[:] = visible[off : off + bsize]
+        # RcheckAtomicity
+        if words[word] != pre:
+            read_retry(word, buf)
+
+    def write(lba: int, data: bytes | bytearray | memoryview) -> None:
+        """Atomically replace the block (bytes is the fastest argument type)."""
+        if type(lba) is not int or not 0 <= lba < nblock:
+            check_lba(lba)
+        if len(data) != bsize:
+            check_len(data)
+        if hungry[0]:
+            pool._wait_for_hungry_readers()
+        # Wstart: claim a lane and its free block
+        lane = acquire_lane()
+        try:
+            newpba = lane_free[lane]
+            # WwriteBlock: copy the data into the free block and persist it
+            store_persist(dataoff + newpba * bsize, data)
+            word = tt_word + 2 * lba
+            # WloadOldCycle
+            oldcycle = words[word]
+            newcount = lane_count[lane] + 1
+            # WloadOldPBA
+            oldpba = words[word + 1]
+            # WswapMapping
+            if cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba):
+                # WpersistMapping: flush the PBA half; its cycle shares the cache line (entries
+                # are 16-byte aligned), so recovery sees the cycle that goes with the PBA
+                persist(word * 8 + 8, 8)
+                # WupdateCycle
+                lane_count[lane] = newcount
+                # WputFreeBlock: the old block becomes this lane's free block
+                lane_free[lane] = oldpba & PBA_MASK
+            # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
+        finally:
+            lane_locks[lane].release()
+
+    return read, read_into, write
 
 
 # ---------------------------------------------------------------------------------------------

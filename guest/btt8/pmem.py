@@ -9,6 +9,13 @@ i.e. byte offset // 8, so that the mmap backend can hand out C-level bound metho
 path never runs a Python frame for them):
 
     size                          pool size in bytes
+    visible                       memoryview of the cache-coherent contents, for block loads
+                                  on the read hot path (saves a Python frame per read). Loads
+                                  only: every store, flush and fence goes through the methods,
+                                  so a tracing backend sees them all and a write-back-cache
+                                  backend keeps this view on its DRAM copy (what loads observe)
+    visible_words                 visible cast to 'Q': word-indexed 8-byte loads by subscript
+                                  (one load each; cheaper than calling load8)
     load(off, n) -> bytes         copy n bytes out
     load_into(off, buf)           copy len(buf) bytes into a writable buffer
     store(off, data)              copy data in (not persisted)
@@ -95,8 +102,8 @@ class Pmem:
         mv = memoryview(buf)
         if readonly:
             mv = mv.toreadonly()
-        self._mv = mv
-        self._q = mv.cast("Q")
+        self._mv = self.visible = mv
+        self._q = self.visible_words = mv.cast("Q")
         self._stripes = [threading.Lock() for _ in range(CAS_STRIPES)]
         # C-level bound methods: calling them costs no Python frame on the hot path.
         self.load8: Callable[[int], int] = self._q.__getitem__

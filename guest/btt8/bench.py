@@ -1,0 +1,192 @@
+"""`btt8 bench`: recovery time, reader starvation, and 4 KiB I/O against libpmemblk."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from . import core
+from .pmemblk import PmemBlk
+
+
+def recovery(path: str, bsize: int, pool_mib: int, loops: int, out: TextIO,
+             err: TextIO) -> None:
+    """Seed's recoveryperf: create when missing, then time `loops` close/open cycles."""
+    if not os.path.exists(path):
+        core.create(path, bsize, pool_mib << 20).close()
+        print(f"INFO: created {path}", file=err)
+    pool = core.open(path, bsize)
+    times = []
+    for _ in range(loops):
+        pool.close()
+        start = time.perf_counter()
+        pool = core.open(path, bsize)
+        times.append(time.perf_counter() - start)
+    nblock = pool.nblock
+    pool.close()
+    print(f"nblocks: {nblock}", file=out)
+    if times:
+        print(f"min: {min(times) * 1e3:.1f} ms", file=out)
+        print(f"open: {sum(times) / len(times) * 1e3:.1f} ms", file=out)
+
+
+class _Latency:
+    def __init__(self) -> None:
+        self.count = self.total = 0
+        self.low, self.high = 1 << 63, 0
+
+    def merge(self, count: int, total: int, low: int, high: int) -> None:
+        self.count += count
+        self.total += total
+        self.low, self.high = min(self.low, low), max(self.high, high)
+
+    def row(self, kind: str, nwriters: int) -> str:
+        return f"{kind} {nwriters} {self.total // self.count} {self.low} {self.high}"
+
+
+def _timed_loop(op: Callable[[], object], running: list[bool], stats: _Latency,
+                lock: threading.Lock) -> None:
+    clock = time.perf_counter_ns
+    count = total = high = 0
+    low = 1 << 63
+    while running[0]:
+        start = clock()
+        op()
+        lat = clock() - start
+        total += lat
+        count += 1
+        low = min(low, lat)
+        high = max(high, lat)
+    with lock:
+        stats.merge(count, total, low, high)
+
+
+def starve(path: str, bsize: int, pool_mib: int, seconds: float, writers: list[int],
+           out: TextIO, err: TextIO) -> None:
+    """Seed's starve: one reader and N writers on LBA 0. Unlike the seed, stats are reset for
+    every row, so each row describes its own writer count."""
+    if os.path.exists(path):
+        pool = core.open(path, bsize)
+    else:
+        pool = core.create(path, bsize, pool_mib << 20)
+        print(f"INFO: created {path}", file=err)
+    data = os.urandom(pool.bsize)
+    print("rorw nwriters avglatns minlatns maxlatns", file=out)
+    with pool:
+        for nwriters in writers:
+            running = [True]
+            lock = threading.Lock()
+            reads, writes = _Latency(), _Latency()
+            threads = [threading.Thread(target=_timed_loop, args=(
+                lambda: pool.write(0, data), running, writes, lock)) for _ in range(nwriters)]
+            threads.append(threading.Thread(target=_timed_loop, args=(
+                lambda: pool.read(0), running, reads, lock)))
+            for thread in threads:
+                thread.start()
+            time.sleep(seconds)
+            running[0] = False
+            for thread in threads:
+                thread.join()
+            if reads.count:
+                print(reads.row("R", nwriters), file=out)
+            if writes.count:
+                print(writes.row("W", nwriters), file=out)
+            out.flush()
+
+
+def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
+       seed: int) -> dict[str, dict[str, float]]:
+    """Random writes then reads of the same LBAs with the same buffers, BTT8 then libpmemblk,
+    in one process. Pools live in `directory` (tmpfs: /dev/shm) and are removed afterwards."""
+    # Both libraries persist with cache flushes, as they would on real pmem; libpmem reads this
+    # when it loads, so it must be set before either library is first used.
+    os.environ["PMEM_IS_PMEM_FORCE"] = "1"
+    poolsize = pool_mib << 20
+    results: dict[str, dict[str, float]] = {}
+    wbuf = os.urandom(bsize)
+    rbuf = bytearray(bsize)
+    stem = os.path.join(directory, f"btt8-bench-{os.getpid()}")
+
+    btt8_path = stem + ".btt8"
+    try:
+        core.create(btt8_path, bsize, poolsize).close()
+        start = time.perf_counter()
+        pool = core.open(btt8_path, bsize)
+        open_s = time.perf_counter() - start
+        nblock = pool.nblock
+        if compare == "libpmemblk":
+            blk_path = stem + ".pmemblk"
+            blk = PmemBlk.create(blk_path, bsize, poolsize)
+            nblock = min(nblock, blk.nblock)  # same LBAs must be valid in both pools
+            blk.close()
+        rng = random.Random(seed)
+        lbas = [rng.randrange(nblock) for _ in range(ops)]
+        with pool:
+            results["btt8"] = _run_io(pool.write, pool.read_into, lbas, wbuf, rbuf, open_s)
+    finally:
+        _unlink(btt8_path)
+
+    if compare == "libpmemblk":
+        try:
+            start = time.perf_counter()
+            blk = PmemBlk.open(blk_path, bsize)
+            open_s = time.perf_counter() - start
+            results["libpmemblk"] = _run_pmemblk(blk, lbas, wbuf, rbuf, open_s)
+            blk.close()
+        finally:
+            _unlink(blk_path)
+    return results
+
+
+def _run_io(write: Callable, read: Callable, lbas: list[int], wbuf: bytes, rbuf: bytearray,
+            open_s: float) -> dict[str, float]:
+    """Time a write pass then a read pass over lbas, calling write(lba, wbuf), read(lba, rbuf)."""
+    rbuf[:] = bytes(len(rbuf))
+    clock = time.perf_counter
+    start = clock()
+    for lba in lbas:
+        write(lba, wbuf)
+    wtime = clock() - start
+    start = clock()
+    for lba in lbas:
+        read(lba, rbuf)
+    rtime = clock() - start
+    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s)
+
+
+def _run_pmemblk(blk: PmemBlk, lbas: list[int], wbuf: bytes, rbuf: bytearray,
+                 open_s: float) -> dict[str, float]:
+    """The same passes calling libpmemblk through ctypes directly (no Python wrapper frame)."""
+    rbuf[:] = bytes(len(rbuf))
+    handle, write, read = blk.handle, blk.write_raw, blk.read_raw
+    rptr = ctypes.addressof((ctypes.c_char * len(rbuf)).from_buffer(rbuf))
+    clock = time.perf_counter
+    start = clock()
+    for lba in lbas:
+        write(handle, wbuf, lba)
+    wtime = clock() - start
+    start = clock()
+    for lba in lbas:
+        read(handle, rptr, lba)
+    rtime = clock() - start
+    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s)
+
+
+def _rates(lbas: list[int], wtime: float, rtime: float, wbuf: bytes, rbuf: bytearray,
+           open_s: float) -> dict[str, float]:
+    if rbuf != wbuf:
+        raise RuntimeError("benchmark read back different data")
+    return {"write_ops_per_s": round(len(lbas) / wtime),
+            "read_ops_per_s": round(len(lbas) / rtime), "open_s": round(open_s, 6)}
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
