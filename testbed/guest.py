@@ -61,7 +61,7 @@ class Guest:
         self.known_hosts = known_hosts
         self._client: paramiko.SSHClient | None = None
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, banner_timeout: float | None = None) -> None:
         key = pinned_key(self.known_hosts)
         client = paramiko.SSHClient()
         client.get_host_keys().add(f"[{self.host}]:{self.port}", key.get_name(), key)
@@ -70,7 +70,7 @@ class Guest:
             client.connect(
                 self.host, port=self.port, username=self.user,
                 pkey=paramiko.Ed25519Key.from_private_key_file(str(self.client_key)),
-                timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                timeout=timeout, banner_timeout=banner_timeout or timeout, auth_timeout=timeout,
                 allow_agent=False, look_for_keys=False,
             )
         except paramiko.BadHostKeyException as e:
@@ -98,7 +98,9 @@ class Guest:
             if remaining <= 0:
                 raise SSHTimeout(f"ssh to {self.host}:{self.port} not ready: {last!r}")
             try:
-                self.connect(timeout=max(0.5, min(2.0, remaining)))
+                # While the guest's network is not up, QEMU's forward accepts and then stays
+                # silent: a short banner wait keeps the polling fine-grained.
+                self.connect(timeout=max(1.0, min(10.0, remaining)), banner_timeout=0.7)
                 return
             except HostKeyMismatch:
                 raise
