@@ -83,10 +83,10 @@ def cache_root() -> Path:
 
 
 def recipe_hash(recipe: Path = RECIPE_DIR) -> str:
-    """Hash of every recipe file's relative path, mode and content."""
+    """Hash of every recipe file's relative path, mode and content (docs excluded)."""
     h = hashlib.sha256()
     for p in sorted(recipe.rglob("*")):
-        if p.is_file() and "cache" not in p.relative_to(recipe).parts:
+        if p.is_file() and p.suffix != ".md" and "cache" not in p.relative_to(recipe).parts:
             h.update(str(p.relative_to(recipe)).encode() + b"\0")
             h.update(b"x" if os.access(p, os.X_OK) else b"-")
             h.update(p.read_bytes() + b"\0")
