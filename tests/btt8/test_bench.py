@@ -1,0 +1,50 @@
+"""Benchmark smoke tests: output shape only, never timing."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def btt8(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "btt8", "bench", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bench_io_prints_one_json_object(tmp_path: Path) -> None:
+    result = btt8("io", "--bsize", "4096", "--pool-mib", "32", "--ops", "300", "--compare",
+                  "libpmemblk", "--json", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    for name in ("btt8", "libpmemblk"):
+        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
+        assert report[name]["write_ops_per_s"] > 0 and report[name]["read_ops_per_s"] > 0
+    assert set(report["ratio"]) == {"write", "read"}
+    assert list(tmp_path.iterdir()) == []  # temporary pools removed
+
+
+def test_bench_recovery_creates_then_times_opens(tmp_path: Path) -> None:
+    pool = str(tmp_path / "pool")
+    result = btt8("recovery", pool, "--bsize", "4096", "--pool-mib", "17", "--loops", "3")
+    assert result.returncode == 0, result.stderr
+    assert "created" in result.stderr
+    assert re.fullmatch(r"open: \d+\.\d ms", result.stdout.strip().splitlines()[-1])
+    again = btt8("recovery", pool, "--bsize", "4096", "--loops", "2")
+    assert "created" not in again.stderr
+    assert again.stdout.strip().splitlines()[-1].startswith("open: ")
+
+
+def test_bench_starve_rows(tmp_path: Path) -> None:
+    result = btt8("starve", str(tmp_path / "pool"), "--bsize", "512", "--pool-mib", "16",
+                  "--seconds", "0.2", "--writers", "1", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "rorw nwriters avglatns minlatns maxlatns"
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("R", "1"), ("W", "1"), ("R", "2"), ("W", "2")]
+    for row in rows:
+        avg, low, high = map(int, row[2:])
+        assert low <= avg <= high
