@@ -18,9 +18,12 @@ Modelling:
   indeterminate: it may take effect at any instant after its invoke, or never; it cannot take
   effect after the cut, so it must precede the recovery read if it shows up there.
 - A read without `ok` tells nothing and is dropped.
-- A surviving write id with no `invoke` received may still be genuine: events stream in order,
-  so only ops after the thread's last received event can be missing. If the deterministic op
-  sequence says that op is a write to this LBA, it is treated as indeterminate, else phantom.
+- Ops the host never saw invoked: the agent writes an op's `invoke` before starting it, and a
+  blocking write to a virtio-serial port returns only once QEMU has taken the line, so on that
+  channel no op starts unseen (`unseen_ops` = 0, the default). For a lossy channel,
+  `unseen_ops` = k lets each thread have run k ops past its last received event: a surviving
+  write id among them counts as an indeterminate write (if the deterministic op sequence says
+  it was a write to this LBA), as does any zero op among them.
 """
 
 from __future__ import annotations
@@ -34,10 +37,6 @@ from typing import Any
 from tbagent.payload import ZERO, Decoded, WriteId, op_at
 
 INF = float("inf")
-# How far past a thread's last received event a duration-bound round is assumed to have run
-# unseen. Blocking virtio-serial writes return only once QEMU took the line, so in practice at
-# most the event being written at the cut is missing; this bound is generous.
-UNREPORTED_WINDOW = 256
 VIOLATION_KINDS = ("torn", "phantom", "lost-ack", "read-reverted", "unrecoverable")
 
 
@@ -127,12 +126,14 @@ def judge(
     events: Iterable[dict[str, Any]],
     recovery: dict[str, Any],
     initial: dict[int, Decoded] | None = None,
+    unseen_ops: int = 0,
 ) -> Verdict:
     """Judge one cut round.
 
     workload: the config the agent's `workload` ran with (seed, epoch, threads, lbas, mix,
     resume); events: what the host received from it; recovery: recover-and-dump's output;
-    initial: the previous recovery's values (`initial_state`), None for a freshly prepared target.
+    initial: the previous recovery's values (`initial_state`), None for a freshly prepared target;
+    unseen_ops: how many ops per thread may have run without their invoke reaching the host.
     """
     epoch = workload["epoch"]
     verdict = Verdict(epoch)
@@ -140,7 +141,7 @@ def judge(
         error = recovery.get("error", "recover-and-dump failed")
         verdict.violations.append(Violation("unrecoverable", None, error))
         return verdict
-    history = _History(workload, [e for e in events if e.get("epoch") == epoch])
+    history = _History(workload, [e for e in events if e.get("epoch") == epoch], unseen_ops)
     initial = initial or {}
     for lba in range(workload["lbas"]):
         survivor = Decoded.from_json(recovery["blocks"][str(lba)])
@@ -152,7 +153,10 @@ def judge(
 
 
 class _History:
-    def __init__(self, workload: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, workload: dict[str, Any], events: list[dict[str, Any]], unseen_ops: int
+    ) -> None:
+        self.unseen_ops = unseen_ops
         self.seed, self.lbas, self.mix = workload["seed"], workload["lbas"], workload["mix"]
         self.epoch, self.ops = workload["epoch"], workload.get("ops")
         threads = workload["threads"]
@@ -206,10 +210,19 @@ class _History:
             return None
         if wid.thread >= len(self.resume) or wid.op < self.resume[wid.thread]:
             return None
-        last_op, last_t = self.last_seen.get(wid.thread, (-1, self.start_t))
-        if wid.op <= last_op:
-            return None  # its invoke precedes an event we did receive: it was never issued
+        last_op, last_t = self.last_seen.get(
+            wid.thread, (self.resume[wid.thread] - 1, self.start_t)
+        )
+        if not last_op < wid.op < self.unseen_end(wid.thread, last_op):
+            return None  # not among the ops this thread could have run unseen
         return Op("write", Decoded("write", wid), last_t, INF, wid.thread, wid.op)
+
+    def unseen_end(self, thread: int, last_op: int) -> int:
+        """One past the last op index `thread` may have run without the host seeing it."""
+        end = last_op + 1 + self.unseen_ops
+        if self.ops is not None:
+            end = min(end, self.resume[thread] + self.ops)
+        return end
 
     def unreported_zeros(self, lba: int) -> list[Op]:
         """Indeterminate zero ops to `lba` that a thread may have run after its last received
@@ -218,9 +231,8 @@ class _History:
             self._next_zero = []
             for thread, resume in enumerate(self.resume):
                 last_op = self.last_seen.get(thread, (resume - 1, 0))[0]
-                end = resume + self.ops if self.ops is not None else last_op + 1 + UNREPORTED_WINDOW
                 first: dict[int, int] = {}
-                for index in range(last_op + 1, end):
+                for index in range(last_op + 1, self.unseen_end(thread, last_op)):
                     kind, target = op_at(self.seed, thread, index, self.lbas, self.mix)
                     if kind == "zero":
                         first.setdefault(target, index)

@@ -67,16 +67,22 @@ def write_junit(run_dir: str | Path) -> Path:
     return path
 
 
-def _evidence_line(v: dict[str, Any]) -> str:
+def _evidence_line(v: dict[str, Any], start_ns: float | None = None) -> str:
+    """One line of evidence; guest times as t+seconds from the round's start when known."""
+
+    def at(ns: float | None) -> str:
+        if ns is None:
+            return "no ack"
+        return f"t+{(ns - start_ns) / 1e9:.6f} s" if start_ns is not None else f"{ns} ns"
+
     where = f"lba {v['lba']}: " if v["lba"] is not None else ""
     parts = [f"{v['kind']}: {where}{v['detail']}"]
     if v.get("survivor"):
         parts.append(f"survivor {_value(v['survivor'])}")
     if c := v.get("contradicts"):
-        ok = "no ack" if c.get("ok_ns") is None else f"ok {c['ok_ns']}"
         parts.append(
             f"vs {c['kind']} thread {c.get('thread')} op {c.get('op')} "
-            f"({_value(c['value'])}, invoke {c.get('invoke_ns')}, {ok})"
+            f"({_value(c['value'])}, invoke {at(c.get('invoke_ns'))}, ok {at(c.get('ok_ns'))})"
         )
     return "; ".join(parts)
 
@@ -269,13 +275,19 @@ def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
     events_path = run_dir / f"cut-{n}" / EVENTS
     events = read_events(events_path) if events_path.exists() else []
     bad_lbas = {v["lba"] for v in c["violations"] if v["lba"] is not None}
+    start = next((e["t"] for e in events if e.get("ev") == "start"), None)
     parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
     if c["violations"]:
         items = "".join(
-            f"<li><code>{escape(_evidence_line(v))}</code></li>" for v in c["violations"]
+            f"<li><code>{escape(_evidence_line(v, start))}</code></li>" for v in c["violations"]
         )
         parts.append(f"<ul>{items}</ul>")
-    parts.append(_timeline(events, c.get("cut_at_s"), bad_lbas))
+    culprits = {
+        (v["contradicts"]["thread"], v["contradicts"]["op"])
+        for v in c["violations"]
+        if v.get("contradicts") and "thread" in v["contradicts"]
+    }
+    parts.append(_timeline(events, c.get("cut_at_s"), bad_lbas, culprits))
     links = " · ".join(
         f'<a href="cut-{n}/{name}">{name}</a>'
         for name in ("console.log", "qmp-events.log", EVENTS, "recovery.json", VERDICT)
@@ -285,9 +297,15 @@ def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _timeline(events: list[dict[str, Any]], cut_at_s: float | None, bad_lbas: set[int]) -> str:
+def _timeline(
+    events: list[dict[str, Any]],
+    cut_at_s: float | None,
+    bad_lbas: set[int],
+    culprits: set[tuple[int, int]],
+) -> str:
     """Op intervals per thread (the last TIMELINE_OPS before the cut), ops cut short drawn up
-    to the cut line with a red outline, ops on LBAs with a violation outlined in black."""
+    to the cut line with a red outline, ops on LBAs with a violation outlined in black and the
+    op a violation names as evidence marked with a red triangle."""
     start = next((e["t"] for e in events if e.get("ev") == "start"), None)
     invokes = {(e["thread"], e["op"]): e for e in events if e.get("ev") == "invoke"}
     results = {(e["thread"], e["op"]): e for e in events if e.get("ev") in ("ok", "fail")}
@@ -299,8 +317,8 @@ def _timeline(events: list[dict[str, Any]], cut_at_s: float | None, bad_lbas: se
     shown = sorted(invokes.values(), key=lambda e: e["t"])[-TIMELINE_OPS:]
     t0 = shown[0]["t"]
     threads = sorted({e["thread"] for e in invokes.values()})
-    width, left, row_h, top = 1000, 70, 22, 8
-    span = max(cut_t - t0, 1) * 1.04
+    width, left, row_h, top = 1000, 70, 22, 10
+    span = max(cut_t - t0, 1) * 1.1  # room right of the cut line for its label
     scale = (width - left - 10) / span
     parts = []
     for i, th in enumerate(threads):
@@ -321,6 +339,11 @@ def _timeline(events: list[dict[str, Any]], cut_at_s: float | None, bad_lbas: se
         stroke = ' stroke="#000" stroke-width="1.5"' if inv["lba"] in bad_lbas else ""
         if not acked:
             stroke = ' stroke="#c62828" stroke-width="1.5" stroke-dasharray="3 2"'
+        if key in culprits:
+            parts.append(
+                f'<path d="M{x + w / 2 - 5:.1f},{y - 4} h10 l-5,6 z" fill="#c62828">'
+                f"<title>evidence: {inv['kind']} op {inv['op']}</title></path>"
+            )
         seen = ""
         if res is not None and "value" in res:
             seen = f" saw {_value(res['value'])}"
@@ -339,14 +362,17 @@ def _timeline(events: list[dict[str, Any]], cut_at_s: float | None, bad_lbas: se
         'fill="#c62828">cut</text>'
     )
     parts.append(
-        f'<text x="{left}" y="{bottom + 16}" class="muted">t+{(t0 - start) / 1e9:.3f} s</text>'
+        f'<text x="{left}" y="{bottom + 16}" fill="#68707a">t+{(t0 - start) / 1e9:.3f} s</text>'
+        f'<text x="{cut_x + 4:.1f}" y="{bottom + 16}" fill="#68707a">'
+        f"t+{(cut_t - start) / 1e9:.3f} s</text>"
     )
     legend = " ".join(
         f'<span style="color:{colour}">■</span> {kind}' for kind, colour in KIND_COLOURS.items()
     )
     caption = (
         f'<p class="muted">Last {len(shown)} ops before the cut. {legend} · dashed red: no ack '
-        "received · black outline: LBA with a violation.</p>"
+        "received · black outline: LBA with a violation · red triangle: the op named as "
+        "evidence.</p>"
     )
     return _svg(width, bottom + 22, "".join(parts)) + caption
 
