@@ -170,7 +170,7 @@ def test_sigkill_mid_workload_then_recover_is_judged_clean(
     """Two rounds, each killed mid-flight; the second resumes and starts from the first's
     recovered state, as the orchestrator will run cuts."""
     target = raw_target if kind == "raw-pmem" else btt8_target
-    agent.prepare({"target": target, "lbas": 8})
+    agent_json("prepare", {"target": target, "lbas": 8})
     initial = None
     resume = [0, 0, 0]
     for epoch in range(2):
@@ -200,3 +200,23 @@ def test_sigkill_mid_workload_then_recover_is_judged_clean(
             max((e["op"] for e in events if e.get("thread") == t), default=r - 1) + 1
             for t, r in enumerate(resume)
         ]
+
+
+def test_rolled_back_acked_write_on_a_real_history_is_lost_ack(
+    raw_target: dict[str, Any], tmp_path: Path
+) -> None:
+    agent.prepare({"target": raw_target, "lbas": 4})
+    config = workload_config(raw_target, tmp_path / "ev", threads=1, lbas=4, resume=None)
+    agent.workload(config)
+    events = read_events(tmp_path / "ev")
+    last = {e["lba"]: e for e in events if e["ev"] == "ok" and e["kind"] != "read"}
+    lba, acked = next((lba, e) for lba, e in last.items() if e["kind"] == "write")
+    fd = os.open(raw_target["path"], os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(BSIZE), lba * BSIZE)  # the device "forgets" the last acked write
+    finally:
+        os.close(fd)
+    dump = agent.recover_and_dump({"target": raw_target, "seed": SEED, "lbas": 4})
+    verdict = judge(config, events, dump)
+    assert [(v.kind, v.lba) for v in verdict.violations] == [("lost-ack", lba)]
+    assert verdict.violations[0].contradicts.op == acked["op"]
