@@ -7,7 +7,7 @@ workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
                    "resume": [first op index per thread] (default all 0), "events": PATH}
                   -> {"ok": bool, "errors": [...]}; events stream to PATH as JSON lines
 recover-and-dump  {"target": T, "seed": S, "lbas": N}
-                  -> {"ok": true, "checked": bool (btt8 check ran), "nblock": n,
+                  -> {"ok": true, "checked": bool (btt8 read-only check ran), "nblock": n,
                       "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
 T = {"kind": "btt8" | "kernel-btt" | "raw-pmem", "path": str, "bsize": int,
      "pool_mib": int (prepare of a btt8 pool file only)}
