@@ -197,7 +197,7 @@ def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[in
     entries = memoryview(table)
     # Flags live in bits 62-63, i.e. the top byte of each PBA word; any other bit there means a
     # PBA >= 2**56, out of range for any pool.
-    top = entries[15::ENTRY_SIZE].tobytes()
+    top = table[15::ENTRY_SIZE]  # bytes step-slicing: far faster than a strided memoryview
     hi = bytearray(entries.cast("Q")[1::2].tobytes())
     pbas = memoryview(hi).cast("Q")
     if top.translate(None, b"\x00\x40\x80\xc0"):
@@ -256,7 +256,7 @@ class Pool:
         self.nfree = lay.nfree
         table = pmem.load(lay.ttoff, lay.nblocks * ENTRY_SIZE)
         self._lane_free, self._lane_count = recover(table, lay, path)
-        top = memoryview(table)[15::ENTRY_SIZE].tobytes()
+        top = table[15::ENTRY_SIZE]
         self.zeroed_at_open = top.count(0x80) + top.count(0xC0)
         self._tt_word = lay.ttoff // 8
         self._dataoff = lay.dataoff
