@@ -114,6 +114,15 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     return events
 
 
+def next_resume(events: Iterable[dict[str, Any]], resume: list[int]) -> list[int]:
+    """Per-thread op index for the next round: past every op this round was seen invoking."""
+    after = list(resume)
+    for e in events:
+        if e.get("ev") == "invoke" and e["thread"] < len(after):
+            after[e["thread"]] = max(after[e["thread"]], e["op"] + 1)
+    return after
+
+
 def initial_state(recovery: dict[str, Any] | None) -> dict[int, Decoded]:
     """Values a recovery pinned (the next round's initial values); empty = all zero."""
     if not recovery or not recovery.get("ok"):

@@ -6,6 +6,7 @@ file, the line and the dotted key: `scenarios/x.yaml:12: workload.threads: expec
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,46 @@ class Scenario:
     vm: VmSpec = VmSpec()
     timeouts: TimeoutsSpec = TimeoutsSpec()
     description: str = ""
+
+    def cut_delay_s(self, cut: int) -> float | None:
+        """Seconds after the workload's start event to cut number `cut` (1-based): seeded, so a
+        campaign replays the same instants; None when cuts trigger on acks instead."""
+        window = self.cuts.when.after_s
+        if window is None:
+            return None
+        return random.Random(f"{self.seed}:cut:{cut}").uniform(*window)
+
+    def agent_target(self, path: str) -> dict[str, Any]:
+        """The agent's `target` object for the device or pool file at `path` in the guest."""
+        target: dict[str, Any] = {
+            "kind": self.target.kind,
+            "path": path,
+            "bsize": self.target.bsize,
+        }
+        if self.target.pool_mib is not None:
+            target["pool_mib"] = self.target.pool_mib
+        return target
+
+    def workload_config(
+        self, path: str, events: str, epoch: int, resume: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Stdin of `python3 -m tbagent workload` for cut round `epoch` (0-based)."""
+        w = self.workload
+        config: dict[str, Any] = {
+            "target": self.agent_target(path),
+            "seed": self.seed,
+            "epoch": epoch,
+            "threads": w.threads,
+            "lbas": w.lbas,
+            "mix": asdict(w.mix),
+            "resume": resume or [0] * w.threads,
+            "events": events,
+        }
+        if w.ops is not None:
+            config["ops"] = w.ops
+        else:
+            config["duration_s"] = w.duration_s
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that `parse_scenario(yaml.safe_dump(...))` turns back into an equal object."""

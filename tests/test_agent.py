@@ -16,7 +16,7 @@ import pytest
 from tbagent import agent
 from tbagent.payload import ZERO, Decoded, WriteId, make_block
 
-from testbed.oracle import initial_state, judge, read_events
+from testbed.oracle import initial_state, judge, next_resume, read_events
 
 SEED = 99
 MIX = {"read": 2.0, "write": 3.0, "zero": 1.0}
@@ -196,10 +196,7 @@ def test_sigkill_mid_workload_then_recover_is_judged_clean(
         assert verdict.ok, verdict.to_json()
         assert verdict.stats["acked_writes"] > 0
         initial = initial_state(dump)
-        resume = [
-            max((e["op"] for e in events if e.get("thread") == t), default=r - 1) + 1
-            for t, r in enumerate(resume)
-        ]
+        resume = next_resume(events, resume)
 
 
 def test_rolled_back_acked_write_on_a_real_history_is_lost_ack(

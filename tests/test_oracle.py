@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tbagent.payload import ZERO, Decoded, WriteId, op_at
 
-from testbed.oracle import INF, Op, initial_state, judge, linearizable
+from testbed.oracle import INF, Op, initial_state, judge, linearizable, next_resume
 
 SEED = 11
 MIX = {"read": 1.0, "write": 1.0, "zero": 1.0}
@@ -398,3 +398,10 @@ def test_unseen_ops_never_exceed_the_rounds_op_budget() -> None:
     }
     recovery = {"ok": True, "blocks": {"0": ZERO.to_json(), "1": ZERO.to_json()}}
     assert not judge(config, h.events, recovery, unseen_ops=50).ok
+
+
+def test_next_resume_skips_every_op_seen_invoked() -> None:
+    h = History()
+    h.write(0, 10, thread=0)
+    last = h.invoke(20, 0, "write", 1)  # cut short: its index must not be reused
+    assert next_resume(h.events, [0, 5]) == [last + 1, 5]

@@ -149,3 +149,28 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
     assert error_of("name: [unclosed\n").startswith("x.yaml:2: not valid YAML")
     with pytest.raises(ScenarioError, match="cannot read"):
         load_scenario(tmp_path / "nope.yaml")
+
+
+def test_cut_delays_are_seeded_and_inside_the_window() -> None:
+    s = load_scenario(SCENARIOS[0].parent / "powercut.yaml")
+    lo, hi = s.cuts.when.after_s
+    delays = [s.cut_delay_s(n) for n in range(1, 25)]
+    assert delays == [s.cut_delay_s(n) for n in range(1, 25)]
+    assert all(lo <= d <= hi for d in delays) and len(set(delays)) == 24
+    assert parse_scenario(VALID).cut_delay_s(1) is None  # after_acks
+
+
+def test_workload_config_is_what_the_agent_takes() -> None:
+    s = parse_scenario(VALID)
+    config = s.workload_config("/dev/dax0.0", "/dev/virtio-ports/tb.events", epoch=2)
+    assert config == {
+        "target": {"kind": "btt8", "path": "/dev/dax0.0", "bsize": 4096},
+        "seed": 3,
+        "epoch": 2,
+        "threads": 2,
+        "lbas": 16,
+        "mix": {"read": 1.0, "write": 1.0, "zero": 0.0},
+        "resume": [0, 0],
+        "events": "/dev/virtio-ports/tb.events",
+        "ops": 100,
+    }
