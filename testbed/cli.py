@@ -19,9 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed import campaign, runtime
 from testbed import image as image_mod
-from testbed import runtime
+from testbed.guest import plain_ssh_argv
 from testbed.nvdimm import MODES, NvdimmError, NvdimmSpec, create_namespace, namespaces, parse_size
+from testbed.report import render_report, write_junit
+from testbed.scenario import ScenarioError
 from testbed.vm import VM, VMConfig, VMError
 
 
@@ -98,13 +101,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _ssh_argv(st: runtime.GuestState) -> list[str]:
-    return [
-        "ssh", "-i", st.client_key, "-p", str(st.ssh_port),
-        "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={st.known_hosts}",
-        "-o", f"HostKeyAlias={image_mod.HOST_KEY_ALIAS}", "-o", "LogLevel=ERROR",
-        "root@127.0.0.1",
-    ]
+    return plain_ssh_argv(st.ssh_port, Path(st.client_key), Path(st.known_hosts))
 
 
 def _ssh(args: argparse.Namespace) -> int:
@@ -273,7 +270,54 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+# --- run / report / replay ---
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return campaign.run(args.scenario, args.results)
+    except ScenarioError as e:
+        _say(f"testbed: {e}")
+        return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file():
+        _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
+        return 2
+    write_junit(run_dir)
+    print(render_report(run_dir))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    return campaign.replay(Path(args.cut_dir), args.accel)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a power-cut campaign (exit 0 clean, 1 violations, "
+                                   "2 testbed failure)")
+    p.add_argument("scenario", help="scenario YAML file, e.g. scenarios/powercut.yaml")
+    p.add_argument("--results", default="results", help="where run folders go")
+    p.set_defaults(func=_run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="re-render report.html and junit.xml of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="boot a guest on a cut's crash image and open a shell")
+    p.add_argument("cut_dir", help="RUN_DIR/cut-N (needs its crash image)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.set_defaults(func=_replay)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run, _add_report, _add_replay,
     _add_up, _add_ssh, _add_status, _add_down, _add_image, _add_bench,
 ]
 

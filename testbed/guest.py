@@ -51,6 +51,17 @@ def pinned_key(known_hosts: Path, alias: str = HOST_KEY_ALIAS) -> paramiko.PKey:
     return next(iter(keys.values()))
 
 
+def plain_ssh_argv(port: int, client_key: Path, known_hosts: Path) -> list[str]:
+    """The OpenSSH client command for root@127.0.0.1:port, with the same pinned host key."""
+    return [
+        "ssh", "-i", str(client_key), "-p", str(port),
+        "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", f"HostKeyAlias={HOST_KEY_ALIAS}", "-o", "LogLevel=ERROR",
+        "root@127.0.0.1",
+    ]
+
+
 class Guest:
     """One SSH connection to root@127.0.0.1:port."""
 

@@ -121,7 +121,7 @@ class Scenario:
     def workload_config(
         self, path: str, events: str, epoch: int, resume: list[int] | None = None
     ) -> dict[str, Any]:
-        """Stdin of `python3 -m tbagent workload` for cut round `epoch` (0-based)."""
+        """Stdin of `python3 -m tbagent workload` for cut round `epoch` (the cut number)."""
         w = self.workload
         config: dict[str, Any] = {
             "target": self.agent_target(path),
