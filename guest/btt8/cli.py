@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bsize", type=int, required=True)
     p.add_argument("--pool-mib", type=int, default=64, help="size when the pool is created")
     p.add_argument("--loops", type=int, default=10)
+    p.add_argument("--prewrite", type=int, default=0, metavar="N",
+                   help="when creating the pool, first do N random writes (worst-case open)")
+    p.add_argument("--threads", type=int, default=1, help="writer threads for --prewrite")
+    p.add_argument("--seed", type=int, default=1, help="seed of the --prewrite LBAs")
 
     p = b.add_parser("starve", help="one reader and N writers on LBA 0")
     p.add_argument("path")
@@ -112,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         with core.open(args.path) as pool:
             pool.write(args.lba, data)
     elif args.bench == "recovery":
-        bench.recovery(args.path, args.bsize, args.pool_mib, args.loops, sys.stdout, sys.stderr)
+        bench.recovery(args.path, args.bsize, args.pool_mib, args.loops, sys.stdout, sys.stderr,
+                       args.prewrite, args.threads, args.seed)
     elif args.bench == "starve":
         bench.starve(args.path, args.bsize, args.pool_mib, args.seconds, args.writers,
                      sys.stdout, sys.stderr)
