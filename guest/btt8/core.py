@@ -166,6 +166,7 @@ def format_pool(pmem: Pmem, lay: Layout) -> None:
 _LANE_HI = bytes(b & 0x0F for b in range(256))  # low nibble of cycle byte 1: lane bits 8-11
 _COUNT_LO = bytes(b & 0xF0 for b in range(256))  # high nibble of cycle byte 1: count bits 0-3
 _NONZERO = bytes(1 if b else 0 for b in range(256))
+_BIT_LENGTH = bytes(b.bit_length() for b in range(256))
 _SHR = [bytes(b >> r for b in range(256)) for r in range(8)]
 _SHL = [bytes((b << r) & 0xFF for b in range(256)) for r in range(8)]
 
@@ -205,25 +206,26 @@ def _lane_counts(table: bytes, nblocks: int) -> list[int]:
     high = max((k for k in range(1, 8) if planes[k] != zero), default=0)
     if not high:
         return counts  # every count is 0 (a fresh pool)
-    top_plane = planes[high]
-    top_bit = next(b for b in range(7, -1, -1) if top_plane.translate(None, bytes(range(1 << b))))
-    count_bits = 8 * high + top_bit + 1 - NFREE_SHIFT  # bit length of M
+    bit_lengths = planes[high].translate(_BIT_LENGTH)
+    top_bits = max(b for b in range(1, 9) if bytes([b]) in bit_lengths)  # memchr, not a loop
+    count_bits = 8 * high + top_bits - NFREE_SHIFT  # bit length of M
     shift = NFREE_SHIFT + max(0, count_bits - 8)  # coarse = cycle bits [shift, shift + 8)
     k, r = divmod(shift, 8)
     coarse = planes[k].translate(_SHR[r])
     if r:
         coarse = _or_planes([coarse, planes[k + 1].translate(_SHL[8 - r])])
     has_count = _or_planes(planes[1:high + 1]).translate(_NONZERO)
-    # key = lane | coarse << 16 | has_count << 24, one little-endian u32 per entry
+    # key = coarse | lane << 8 | has_count << 24, one little-endian u32 per entry. coarse sits
+    # in the low bits so that keys of one lane do not collide in the set's hash table.
     keys = bytearray(4 * nblocks)
-    keys[0::4] = planes[0]
-    keys[1::4] = table[1::ENTRY_SIZE].translate(_LANE_HI)
-    keys[2::4] = coarse
+    keys[0::4] = coarse
+    keys[1::4] = planes[0]
+    keys[2::4] = table[1::ENTRY_SIZE].translate(_LANE_HI)
     keys[3::4] = has_count
     top: dict[int, int] = {}
     for key in sorted(set(memoryview(keys).cast("I"))):  # ascending: the last per lane is max
         if key >> 24:
-            top[key & LANE_MASK] = key >> 16 & 0xFF
+            top[key >> 8 & LANE_MASK] = key & 0xFF
     wanted = set(top.values())
     in_top = coarse.translate(bytes(v in wanted for v in range(256)))
     candidates = _or_planes([in_top.translate(_SHL[1]), has_count])  # 3 = both
@@ -232,6 +234,14 @@ def _lane_counts(table: bytes, nblocks: int) -> list[int]:
     for cycle in chosen:  # ascending, so each lane ends at its max count
         counts[cycle & LANE_MASK] = cycle >> NFREE_SHIFT
     return counts
+
+
+# Valid top bytes of a PBA word: flag bits only (ZERO 0x80, UNUSED 0x40); anything else is a
+# PBA >= 2**56, out of range for any pool.
+_BAD_FLAG_BYTE = bytes(0 if b in (0x00, 0x40, 0x80, 0xC0) else 1 for b in range(256))
+# 8-byte little-endian words 0, 1, ..., _SCAN_CHUNK-1 and 1, 1, ..., 1, as big ints.
+_RAMP = int.from_bytes(array("Q", range(_SCAN_CHUNK)).tobytes(), "little")
+_ONES = int.from_bytes(array("Q", [1]) * _SCAN_CHUNK, "little")
 
 
 def _describe_map_error(pbas: memoryview, lay: Layout) -> str:
@@ -258,21 +268,24 @@ def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[in
     top = table[15::ENTRY_SIZE]  # bytes step-slicing: far faster than a strided memoryview
     hi = bytearray(entries.cast("Q")[1::2].tobytes())
     pbas = memoryview(hi).cast("Q")
-    if top.translate(None, b"\x00\x40\x80\xc0"):
+    if 1 in top.translate(_BAD_FLAG_BYTE):  # memchr on a translated copy (no per-entry loop)
         raise CorruptionError(_describe_map_error(pbas, lay), path)
     hi[7::8] = bytes(nblocks)  # clear the flag bytes: hi now holds bare PBAs
 
     used = bytearray(tblocks)
-    ident = memoryview(array("Q", range(nfree_base := lay.nfree, nfree_base + nblocks)))
+    nfree = lay.nfree
     # Runs of entries still at their initial PBA (i + nfree) are marked with one slice store;
-    # only the entries that moved pay for a per-entry (C-level) store.
+    # only the entries that moved pay for a per-entry (C-level) store. A run is recognised by
+    # comparing its bytes with the expected words start+nfree+0, +1, ..., built as one big int
+    # (_RAMP + base * _ONES) instead of an nblocks-long array.
     marks = b"\x01" * _SCAN_CHUNK
     try:
         for start in range(0, nblocks, _SCAN_CHUNK):
             end = min(start + _SCAN_CHUNK, nblocks)
             run = pbas[start:end]
-            if run == ident[start:end]:
-                used[start + nfree_base:end + nfree_base] = marks[:end - start]
+            expect = (_RAMP + (start + nfree) * _ONES).to_bytes(8 * _SCAN_CHUNK, "little")
+            if hi[8 * start:8 * end] == expect[:8 * (end - start)]:
+                used[start + nfree:end + nfree] = marks[:end - start]
             else:
                 # C-level loop; operator.setitem is a fast builtin call (a bound
                 # used.__setitem__ goes through a slower method-wrapper)
