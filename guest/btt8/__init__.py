@@ -5,6 +5,7 @@
         pool.write(0, bytes(4096))
     with btt8.open("/dev/shm/pool", 4096) as pool:
         data = pool.read(0)
+    summary = btt8.check("/dev/shm/pool")  # read-only; raises CorruptionError if inconsistent
 """
 
 from .core import (
@@ -16,6 +17,7 @@ from .core import (
     CorruptionError,
     Layout,
     Pool,
+    check,
     create,
     create_on,
     open,
@@ -24,6 +26,6 @@ from .pmem import MappedPmem, MemoryPmem, Pmem, PoolBusyError
 
 __all__ = [
     "FLAG_ZERO", "MIN_BSIZE", "MIN_POOL", "NFREE", "Btt8Error", "CorruptionError", "Layout",
-    "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "create", "create_on",
+    "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "check", "create", "create_on",
     "open",
 ]

@@ -70,18 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(path: str) -> dict[str, object]:
-    with core.open(path, readonly=True) as pool:
-        lay = pool.layout
-        free, counts = pool.lane_state()
-        return {
-            "path": path, "signature": core.SIG.rstrip(b"\0").decode(), "bsize": lay.bsize,
-            "nblocks": lay.nblocks, "nfree": lay.nfree, "ttoff": lay.ttoff,
-            "dataoff": lay.dataoff, "pool_size": pool._pmem.size,
-            "data_blocks": lay.tblocks, "free_blocks": len(free),
-            "zeroed_entries": pool.zeroed_at_open,
-            "lanes_used": sum(1 for c in counts if c), "max_lane_count": max(counts),
-            "persist_mode": pool.persist_mode,
-        }
+    info = core.check(path)
+    del info["ok"]
+    return info
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
             for key, value in info.items():
                 print(f"{key:15} {value}")
     elif args.command == "check":
-        info = _info(args.path)
+        info = core.check(args.path)
         print(f"{args.path}: ok: {info['nblocks']} blocks, every PBA used once, "
               f"{info['free_blocks']} free (nfree {info['nfree']})")
     elif args.command == "read":

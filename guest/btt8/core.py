@@ -661,3 +661,22 @@ def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
 
 def _read_only(*_args: object) -> None:
     raise Btt8Error(errno.EROFS, "pool opened read-only")
+
+
+def check(path: str, bsize: int = 0) -> dict[str, object]:
+    """Read-only consistency check of a pool: superblock sane, every mapped PBA in range and
+    used once, exactly nfree free blocks (the recovery scan of a read-only open, which takes a
+    shared lock and never writes). Raises CorruptionError on an inconsistent pool, Btt8Error
+    (ENOENT, EINVAL for a bsize mismatch, EBUSY, ...) when it cannot look; otherwise returns a
+    summary dict."""
+    with open(path, bsize, readonly=True) as pool:
+        lay = pool.layout
+        free, counts = pool.lane_state()  # open's recovery scan raised if the map is bad
+        return {
+            "ok": True, "path": os.fspath(path), "signature": SIG.rstrip(b"\0").decode(),
+            "bsize": lay.bsize, "nblocks": lay.nblocks, "nfree": lay.nfree, "ttoff": lay.ttoff,
+            "dataoff": lay.dataoff, "pool_size": pool._pmem.size, "data_blocks": lay.tblocks,
+            "free_blocks": len(free), "zeroed_entries": pool.zeroed_at_open,
+            "lanes_used": sum(1 for c in counts if c), "max_lane_count": max(counts),
+            "persist_mode": pool.persist_mode,
+        }

@@ -1,10 +1,12 @@
-"""recover() (byte-plane tricks, no per-entry Python loop) against a plain per-entry reference."""
+"""recover() (byte-plane tricks, no per-entry Python loop) against a plain per-entry reference;
+btt8.check()."""
 
 from __future__ import annotations
 
 import random
 import struct
 import threading
+from pathlib import Path
 
 import btt8
 import pytest
@@ -22,7 +24,7 @@ from btt8.core import (
     recover,
 )
 from btt8.pmem import MemoryPmem
-from btt8_helpers import MIB, pin_home_lane
+from btt8_helpers import MIB, pin_home_lane, sha
 
 LAY = Layout.for_pool(512, 16 * MIB)  # 27678 LBAs
 
@@ -140,3 +142,26 @@ def test_corrupted_tables_match_reference(seed: int) -> None:
         else:
             table[rng.randrange(len(table))] = rng.randrange(256)
         assert_same(table)
+
+
+def test_check_is_read_only_and_raises_on_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "pool"
+    with btt8.create(path, 512, 16 * MIB) as pool:
+        for lba in range(100):
+            pool.write(lba * 7, bytes([lba]) * 512)
+        pool.set_zero(0)
+    before = sha(path)
+    summary = btt8.check(str(path), 512)
+    assert summary["ok"] is True
+    assert (summary["nblocks"], summary["free_blocks"]) == (LAY.nblocks, NFREE)
+    assert summary["max_lane_count"] == 101 and summary["lanes_used"] == 1
+    assert sha(path) == before
+    with pytest.raises(btt8.Btt8Error):
+        btt8.check(str(path), 4096)  # bsize mismatch: EINVAL
+    with path.open("r+b") as f:  # LBA 1 now shares LBA 2's PBA
+        f.seek(LAY.ttoff + 1 * ENTRY_SIZE + 8)
+        f.write(struct.pack("<Q", NFREE + 2))
+    before = sha(path)
+    with pytest.raises(CorruptionError, match="PBA 4098 is mapped by both LBA 1 and LBA 2"):
+        btt8.check(str(path))
+    assert sha(path) == before
