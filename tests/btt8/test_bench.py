@@ -48,3 +48,15 @@ def test_bench_starve_rows(tmp_path: Path) -> None:
     for row in rows:
         avg, low, high = map(int, row[2:])
         assert low <= avg <= high
+
+
+def test_bench_recovery_prewrite_fills_a_new_pool(tmp_path: Path) -> None:
+    import btt8 as lib
+
+    pool = str(tmp_path / "pool")
+    result = btt8("recovery", pool, "--bsize", "4096", "--pool-mib", "17", "--loops", "1",
+                  "--prewrite", "300", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert "300 random writes" in result.stderr
+    summary = lib.check(pool)
+    assert (summary["lanes_used"], summary["max_lane_count"]) == (1, 300)
