@@ -4,7 +4,7 @@ Each generator yields the label of the step it is about to execute, so a driver 
 later model checker) decides who runs next; the step then runs when the driver calls next() again.
 The steps use the same pool state and the same persistence interface as the production
 Pool.read / Pool.write, which stay straight-line code so the interposition costs them nothing.
-tests/btt8/test_steps.py checks that both produce the same media and lane state.
+tests/btt8_core/test_steps.py checks that both produce the same media and lane state.
 
     writer = write_steps(pool, lba, data)
     for label in writer: ...           # label in WRITE_LABELS, the step has not run yet
