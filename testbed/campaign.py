@@ -129,8 +129,9 @@ class Campaign:
             shutil.rmtree(self.work, ignore_errors=True)
         code = results.finish()
         summary = results.summary()
-        self.say(f"{summary['status']}: {summary['cuts']}/{s.cuts.count} cuts, "
-                 f"violations {summary['violations'] or 'none'}, "
+        self.say(f"{summary['status']}: {summary['cuts']}/{s.cuts.count} cuts done, "
+                 f"{summary['cuts_with_violations']} with violations "
+                 f"{summary['violations'] or ''}, "
                  f"{summary['cuts_per_min']} cuts/min -> {results.run_dir / 'report.html'}")
         return code
 

@@ -88,3 +88,17 @@ def test_op_sequence_is_deterministic_and_follows_the_mix() -> None:
     assert kinds["zero"] == 0
     assert 0.7 < kinds["read"] / len(ops) < 0.8
     assert {lba for _, lba in ops} == set(range(16))
+
+
+def test_large_block_torn_past_its_first_chunk_is_torn() -> None:
+    """A 1 MiB block repeats its 4 KiB chunk: a tear or a flipped bit in the repeats counts."""
+    size = 1 << 20
+    old = make_block(SEED, 9, WID, size)
+    new = make_block(SEED, 9, WID._replace(op=78), size)
+    assert decode_block(new, SEED, 9) == Decoded("write", WID._replace(op=78))
+    for cut in (HEADER_SIZE + 4096 + 8, size // 2, size - 512):
+        assert decode_block(new[:cut] + old[cut:], SEED, 9).kind == "torn", cut
+        assert decode_block(new[:cut] + bytes(size - cut), SEED, 9).kind == "torn", cut
+    flipped = bytearray(new)
+    flipped[size - 1] ^= 0x80
+    assert decode_block(flipped, SEED, 9).kind == "torn"
