@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,7 @@ class Campaign:
             self.say(f"testbed: {e}")
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self._update_manifest()  # every boot's QEMU command line
             if boot is not None:
                 boot.vm.cleanup()  # never leave a QEMU behind, whatever happened
             shutil.rmtree(self.work, ignore_errors=True)
@@ -156,10 +158,17 @@ class Campaign:
 
         self._progress(cut, "cut")
         t = time.monotonic()
-        boot.vm.crash("reset" if s.cuts.mode == "reset" else "quit")
+        crash_image = self.work / "crash.img"
+        if s.cuts.mode == "reset":
+            # Freeze the guest at the cut instant so the media can be copied, then reset it.
+            boot.vm.qmp("stop")
+            copy_crash_image(self.nvdimm.backing, crash_image)
+            boot.vm.crash("reset")
+            boot.vm.qmp("cont")
+        else:
+            boot.vm.crash("quit")
+            copy_crash_image(self.nvdimm.backing, crash_image)
         runner.join(10)
-        crash_image = copy_crash_image(self.nvdimm.backing, self.work / "crash.img") \
-            if s.cuts.mode != "reset" else None
         _save_events(boot.events, cut, cut_dir / "events.jsonl")
         self._save_logs(boot, cut_dir, "")
         phases["cut"] = time.monotonic() - t
@@ -187,8 +196,7 @@ class Campaign:
         phases["judge"] = time.monotonic() - t
         results.record_cut(cut, verdict.to_json(), phases, crash_image=crash_image,
                            cut_at_s=cut_at_s)
-        if crash_image is not None:
-            crash_image.unlink(missing_ok=True)
+        crash_image.unlink()
         counts = verdict.counts()
         self.violations += sum(counts.values())
         self.say(f"cut {cut}: {'ok' if verdict.ok else 'VIOLATIONS ' + json.dumps(counts)}"
@@ -240,14 +248,16 @@ class Campaign:
                              s.timeouts.recover_s)
         if not result.get("ok"):
             raise CampaignError(f"preparing the target failed: {result}")
-        kernel = vm.succeed("uname", "-r").strip()
-        manifest_path = results.run_dir / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest.update(guest_kernel=kernel, accelerator=vm.accel, device=self.device,
-                        target_nblock=result.get("nblock"), command_lines=self.command_lines,
-                        image=image_mod.info(self.image))
-        write_json_atomic(manifest_path, manifest)
+        self._update_manifest(guest_kernel=vm.succeed("uname", "-r").strip(),
+                              accelerator=vm.accel, device=self.device,
+                              target_nblock=result.get("nblock"),
+                              image=image_mod.info(self.image))
         results.record_phase("setup", time.monotonic() - t)
+
+    def _update_manifest(self, **facts: Any) -> None:
+        path = self.results.run_dir / "manifest.json"
+        write_json_atomic(path, {**json.loads(path.read_text()), **facts,
+                                 "command_lines": self.command_lines})
 
     def _attach(self, boot: _Boot) -> None:
         """After every boot: wait for the namespace's device, mount the DAX filesystem, deploy."""
@@ -287,6 +297,7 @@ class Campaign:
         started_at: float | None = None
         acked_writes = 0
         while True:
+            finished = runner.finished  # sampled first: every event it wrote is read below
             for ev in _new_events(boot):
                 if ev.get("epoch") != cut:
                     continue
@@ -300,9 +311,11 @@ class Campaign:
                     return now - started_at
                 if when.after_acks is not None and acked_writes >= when.after_acks:
                     return now - started_at
-            if runner.failed():
-                raise CampaignError(f"workload round {cut} failed before the cut: "
-                                    f"{runner.error}")
+            if finished:
+                if runner.error is not None or started_at is None:
+                    raise CampaignError(f"workload round {cut} ended before the cut: "
+                                        f"{runner.error or 'it never started'}")
+                return now - started_at  # ops exhausted before the trigger: cut it idle
             if now > deadline:
                 raise CampaignError(
                     f"workload round {cut}: the cut trigger did not fire within "
@@ -346,6 +359,7 @@ class Campaign:
                                 f"\nstderr: {r.stderr[-2000:]}") from e
 
     def _save_logs(self, boot: _Boot, cut_dir: Path, prefix: str) -> None:
+        (cut_dir / f"{prefix}qemu-cmdline.txt").write_text(shlex.join(boot.vm.argv) + "\n")
         for src, name in ((boot.vm.paths.console_log, "console.log"),
                           (boot.vm.paths.qmp_log, "qmp-events.log"),
                           (boot.vm.paths.stderr_log, "qemu.stderr")):
@@ -373,10 +387,6 @@ class _AgentRun:
             self.error = f"{type(e).__name__}: {e}"
         finally:
             self.finished = True
-
-    def failed(self) -> bool:
-        """The agent exited with an error before any cut (a testbed or config fault)."""
-        return self.finished and self.error is not None
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

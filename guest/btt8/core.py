@@ -428,8 +428,8 @@ class Pool:
         else:
             off = self._dataoff + (pba & PBA_MASK) * self.bsize
             buf[:] = self._visible[off : off + self.bsize]
-        # RcheckAtomicity
-        return load8(word) == pre
+        # RcheckAtomicity (cycle and PBA: see _hot_paths)
+        return load8(word) == pre and load8(word + 1) == pba
 
     def _read_retry(self, word: int, buf: bytearray | memoryview) -> None:
         """Slow path after a failed RcheckAtomicity: retry; after HUNGRY_AFTER more failures the
@@ -519,8 +519,11 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         else:
             off = dataoff + (pba & PBA_MASK) * bsize
             data = visible[off : off + bsize].tobytes()
-        # RcheckAtomicity
-        if words[word] == pre:
+        # RcheckAtomicity. The emulated CAS stores the cycle before the PBA, so a reader can
+        # load the new cycle with the old PBA; that block is freed when the write completes and
+        # its lane's next write may refill it mid-copy while the cycle still matches. Re-checking
+        # the PBA too closes the window (real cmpxchg16b has no such intermediate state).
+        if words[word] == pre and words[word + 1] == pba:
             return data
         buf = bytearray(bsize)
         read_retry(word, buf)
@@ -546,8 +549,8 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         else:
             off = dataoff + (pba & PBA_MASK) * bsize
             buf[:] = visible[off : off + bsize]
-        # RcheckAtomicity
-        if words[word] != pre:
+        # RcheckAtomicity (cycle and PBA: see read)
+        if words[word] != pre or words[word + 1] != pba:
             read_retry(word, buf)
 
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:

@@ -31,10 +31,12 @@ path never runs a Python frame for them):
 About cas16: Python has no cmpxchg16b. The emulation holds one of a set of striped locks keyed by
 the entry index (= LBA for the translation table), compares both halves, then stores the low half
 (the cycle) before the high half (the PBA). Lock-free readers load the cycle before the PBA and
-re-check the cycle afterwards, so a reader that sees the new PBA has necessarily seen the new cycle
-or will see it at its re-check: the swap takes effect, for readers, at the PBA store. Writers
-always go through cas16, so the emulation is correct across the threads of one process. Processes
-are kept apart by an exclusive flock taken at open.
+re-check both afterwards: a reader that sees the new PBA has seen the new cycle or sees it at its
+re-check, and one that saw the new cycle with the old PBA (the state between the two stores, which
+a real cmpxchg16b never exposes) sees the PBA move at its re-check before trusting a copy of a
+block that the write has meanwhile freed. The swap takes effect, for readers, at the PBA store.
+Writers always go through cas16, so the emulation is correct across the threads of one process.
+Processes are kept apart by an exclusive flock taken at open.
 
 Persisting: when PMDK's libpmem.so.1 loads, ranges that are pmem (a devdax device, or
 pmem_is_pmem() true, which honours PMEM_IS_PMEM_FORCE=1) are persisted with pmem_persist /

@@ -71,3 +71,46 @@ def test_any_interleaving_gives_atomic_persisted_reads(data) -> None:
     final = pool.read(0)
     assert final in (new1, new2)
     assert Pool(pmem.after_power_cut()).read(0) == final
+
+
+class SplitCasPmem(MemoryPmem):
+    """MemoryPmem whose emulated 16-byte CAS runs `between` after storing the cycle and before
+    storing the PBA: the one instant the emulation exposes and real cmpxchg16b does not."""
+
+    between = None
+
+    def cas16(self, word: int, old_lo: int, old_hi: int, new_lo: int, new_hi: int) -> bool:
+        q = self._q
+        if q[word] != old_lo or q[word + 1] != old_hi:
+            return False
+        q[word] = new_lo
+        hook, self.between = self.between, None
+        if hook is not None:
+            hook()
+        q[word + 1] = new_hi
+        return True
+
+
+def test_reader_between_the_cas_halves_never_returns_a_reused_block() -> None:
+    """A reader loads the new cycle but the old PBA (mid-CAS); the write completes and frees the
+    old PBA to its lane; the lane's next write (another LBA) fills that block while the reader
+    copies it. The cycle alone still matches, so RcheckAtomicity must also see the PBA move."""
+    pmem = SplitCasPmem(16 * MIB)
+    pool = btt8.create_on(pmem, 512)
+    pin_home_lane(pool, 5)
+    a, b, other = payload(1), payload(2), payload(3)
+    pool.write(0, a)
+    buf = bytearray(512)
+    reader = read_steps(pool, 0, buf)
+
+    def read_mapping() -> None:
+        assert next(reader) == "RloadPreCycle"
+        assert next(reader) == "RloadPBA"
+        assert next(reader) == "RloadLaneCycle"  # pre = new cycle, pba = old PBA
+
+    pmem.between = read_mapping
+    pool.write(0, b)          # frees the old PBA of LBA 0 to lane 5
+    pool.write(1, other)      # lane 5 reuses it for LBA 1
+    for _ in reader:
+        pass
+    assert bytes(buf) in (a, b), "the read returned another LBA's data"

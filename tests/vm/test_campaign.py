@@ -77,6 +77,25 @@ def test_smoke_kernel_btt_is_clean(image: object, tmp_path: Path) -> None:
     assert json.loads((run / "manifest.json").read_text())["device"].endswith("s")
 
 
+def test_btt8_pool_file_on_fsdax_with_reset_cuts_is_clean(image: object, tmp_path: Path) -> None:
+    """The other BTT8 placement (a pool file on ext4 -o dax) and the other cut mode (QMP
+    system_reset: same QEMU, guest frozen for the crash image, then reset)."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data["target"] = {"kind": "btt8", "namespace": "fsdax", "bsize": 4096, "pool_mib": 32}
+    data["cuts"].update(count=2, mode="reset")
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(data))
+    code = campaign.run(scenario, tmp_path / "results")
+    run = _only_run(tmp_path / "results")
+    summary = _assert_complete(run, cuts=2)
+    assert (code, summary["violations"]) == (0, {})
+    for n in (1, 2):  # each round's events file holds that round only
+        epochs = {json.loads(line)["epoch"]
+                  for line in (run / f"cut-{n}" / "events.jsonl").read_text().splitlines()}
+        assert epochs == {n}
+    assert '"RESET"' in (run / "cut-1" / "qmp-events.log").read_text()
+
+
 def test_broken_btt8_is_caught(image: object, tmp_path: Path) -> None:
     """The write publishes its mapping before the data is copied (test-only fault hook): a
     reader or a cut sees a block that was never written there. Exit 1, violations reported,
