@@ -132,8 +132,8 @@ class Campaign:
         code = results.finish()
         summary = results.summary()
         self.say(f"{summary['status']}: {summary['cuts']}/{s.cuts.count} cuts done, "
-                 f"{summary['cuts_with_violations']} with violations "
-                 f"{summary['violations'] or ''}, "
+                 f"{summary['cuts_with_violations']} with violations"
+                 f"{' ' + json.dumps(summary['violations']) if summary['violations'] else ''}, "
                  f"{summary['cuts_per_min']} cuts/min -> {results.run_dir / 'report.html'}")
         return code
 
