@@ -238,9 +238,8 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def btt8_check(path: str, bsize: int) -> bool:
-    """`btt8 check`: a read-only open, whose recovery scan raises on an inconsistent pool
-    (a PBA mapped twice, a wrong number of free blocks, a bad superblock)."""
+    """`btt8 check`: raises on an inconsistent pool (a PBA mapped twice, a wrong number of free
+    blocks, a bad superblock) without writing to it."""
     import btt8
 
-    btt8.open(path, bsize, readonly=True).close()
-    return True
+    return bool(btt8.check(path, bsize)["ok"])
