@@ -78,11 +78,12 @@ def test_smoke_kernel_btt_is_clean(image: object, tmp_path: Path) -> None:
 
 
 def test_btt8_pool_file_on_fsdax_with_reset_cuts_is_clean(image: object, tmp_path: Path) -> None:
-    """The other BTT8 placement (a pool file on ext4 -o dax) and the other cut mode (QMP
-    system_reset: same QEMU, guest frozen for the crash image, then reset)."""
+    """The other BTT8 placement (a pool file on ext4 -o dax), the other cut mode (QMP
+    system_reset: same QEMU, guest frozen for the crash image, then reset) and the other
+    trigger (after N acknowledged writes)."""
     data = yaml.safe_load(SMOKE.read_text())
     data["target"] = {"kind": "btt8", "namespace": "fsdax", "bsize": 4096, "pool_mib": 32}
-    data["cuts"].update(count=2, mode="reset")
+    data["cuts"] = {"count": 2, "mode": "reset", "when": {"after_acks": 200}}
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(data))
     code = campaign.run(scenario, tmp_path / "results")
@@ -94,6 +95,9 @@ def test_btt8_pool_file_on_fsdax_with_reset_cuts_is_clean(image: object, tmp_pat
                   for line in (run / f"cut-{n}" / "events.jsonl").read_text().splitlines()}
         assert epochs == {n}
     assert '"RESET"' in (run / "cut-1" / "qmp-events.log").read_text()
+    for n in (1, 2):
+        verdict = json.loads((run / f"cut-{n}" / "verdict.json").read_text())
+        assert verdict["stats"]["acked_writes"] >= 200
 
 
 def test_broken_btt8_is_caught(image: object, tmp_path: Path) -> None:
