@@ -56,16 +56,11 @@ class CampaignError(Exception):
     """The testbed itself failed (not a verdict on the target): exit 2, never a pass."""
 
 
-class Interrupted(CampaignError):
-    """SIGINT/SIGTERM: stop now, keep the cuts already judged."""
-
-
 @dataclass
 class _Boot:
     """One running guest and the files its QEMU process writes."""
 
     vm: VM
-    state_dir: Path
     events: Path
     events_read: int = 0  # bytes of `events` already consumed by the trigger
 
@@ -217,7 +212,7 @@ class Campaign:
             nvdimms=[self.nvdimm], serial_ports=[SerialPort(EVENTS_PORT, events)],
         )
         vm = VM(config, state_dir, client_key=img.client_key, known_hosts=img.known_hosts)
-        boot = _Boot(vm, state_dir, events)
+        boot = _Boot(vm, events)
         t = time.monotonic()
         try:
             vm.start()
