@@ -26,7 +26,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from itertools import count, repeat
+from itertools import compress, repeat
 from types import TracebackType
 
 from .pmem import MappedPmem, Pmem
@@ -43,7 +43,6 @@ FLAG_UNUSED = 1 << 62
 PBA_MASK = (1 << 62) - 1
 _SCAN_CHUNK = 4096  # entries compared at a time against the initial map
 HUNGRY_AFTER = 3  # failed re-checks before a reader asks writers to hold off
-LANE_STRIDE = 5  # home lanes of successive threads land in different cache lines (seed)
 
 SUPER = struct.Struct("<8sQQQQQ")
 
@@ -304,14 +303,16 @@ def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[in
 # The pool
 
 
-_thread_ids = count(1)
-
-
 class Pool:
     """An open BTT8 pool (libpmemblk-style). Thread-safe; one process at a time (flock).
 
     read(lba) -> bytes, read_into(lba, buf) and write(lba, data) are closures built by
-    _hot_paths at open: everything they touch is a closure variable, not an attribute."""
+    _hot_paths at open: everything they touch is a closure variable, not an attribute.
+
+    Lane state is volatile: _lane_free[lane] is the lane's free PBA and _lane_next[lane] the
+    cycle its next write will use, i.e. make_cycle(lane, count + 1) for the lane's count (the
+    "lane cycle" of the spec, kept one step ahead so RloadLaneCycle/RpersistMapping is a single
+    compare: entry cycle == lane's next cycle <=> entry count == lane count + 1)."""
 
     read: Callable[[int], bytes]
     read_into: Callable[[int, bytearray | memoryview], None]
@@ -327,16 +328,29 @@ class Pool:
         self.nblock = lay.nblocks
         self.nfree = lay.nfree
         table = pmem.load(lay.ttoff, lay.nblocks * ENTRY_SIZE)
-        self._lane_free, self._lane_count = recover(table, lay, path)
+        self._lane_free, counts = recover(table, lay, path)
         top = table[15::ENTRY_SIZE]
         self.zeroed_at_open = top.count(0x80) + top.count(0xC0)
+        del table, top
+        lane_next = list(range(NFREE, 2 * NFREE))  # count 0 everywhere: next cycle count 1
+        for lane in compress(range(NFREE), counts):
+            lane_next[lane] = make_cycle(lane, counts[lane] + 1)
+        self._lane_next = lane_next
         self._tt_word = lay.ttoff // 8
         self._dataoff = lay.dataoff
         self._zero_block = bytes(lay.bsize)
-        self._lane_locks = [threading.Lock() for _ in range(lay.nfree)]
-        self._home_lane: dict[int, int] = {}
+        # Lanes not held by a writer, as a stack: list.pop() and list.append() are each one
+        # C-level operation, atomic under the GIL, and 4x cheaper than a Lock's acquire/release.
+        # A lone thread keeps reusing the top lane, so few lanes carry counts (fast recovery).
+        self._free_lanes = list(range(NFREE - 1, -1, -1))
+        self._home_lane: dict[int, int] = {}  # thread id -> pinned lane (tests only)
         self._hungry = [0]
         self._hungry_lock = threading.Lock()
+        # Word views of the table: entry i's cycle is _cycles[i], its PBA word _pbas[i].
+        words = pmem.visible_words
+        end = self._tt_word + 2 * lay.nblocks
+        self._cycles = words[self._tt_word : end : 2]
+        self._pbas = words[self._tt_word + 1 : end : 2]
         # Hot-path bindings of the persistence interface (one attribute load per call).
         self._load8 = pmem.load8
         self._visible = pmem.visible
@@ -362,9 +376,14 @@ class Pool:
     def persist_mode(self) -> str:
         return self._pmem.persist_mode
 
+    @property
+    def _lane_count(self) -> list[int]:
+        """Count per lane (a copy), derived from the next cycles."""
+        return [cycle_count(cycle) - 1 for cycle in self._lane_next]
+
     def lane_state(self) -> tuple[list[int], list[int]]:
         """(free PBA per lane, count per lane): volatile lane state, for info/check/tests."""
-        return list(self._lane_free), list(self._lane_count)
+        return list(self._lane_free), self._lane_count
 
     # -- context manager / close --------------------------------------------------------------
 
@@ -376,28 +395,33 @@ class Pool:
         self.close()
 
     def close(self) -> None:
-        pmem, self._pmem = self._pmem, None
+        pmem, self._pmem = self._pmem, None  # type: ignore[assignment]
         if pmem is not None:
+            self._cycles.release()  # views of the mapping: the file cannot close under them
+            self._pbas.release()
             pmem.close()
 
     # -- lanes --------------------------------------------------------------------------------
 
     def _acquire_lane(self) -> int:
-        """Home lane per thread; on contention scan forward for a free one (seed behaviour)."""
-        tid = threading.get_ident()
-        lane = self._home_lane.get(tid)
-        if lane is None:
-            lane = self._home_lane[tid] = next(_thread_ids) * LANE_STRIDE % self.nfree
-        locks = self._lane_locks
-        if locks[lane].acquire(False):
-            return lane
-        nlanes = self.nfree
-        for step in range(1, nlanes):
-            candidate = (lane + step) % nlanes
-            if locks[candidate].acquire(False):
-                return candidate
-        locks[lane].acquire()
-        return lane
+        """Wstart's lane: the top of the free-lane stack, or the thread's pinned lane (tests pin
+        lanes through _home_lane). Waits while every lane is taken (4096 writers at once)."""
+        free_lanes = self._free_lanes
+        lane = self._home_lane.get(threading.get_ident()) if self._home_lane else None
+        if lane is not None:
+            try:
+                free_lanes.remove(lane)  # atomic under the GIL: either we own it or it is taken
+                return lane
+            except ValueError:
+                pass  # taken: any other free lane will do
+        while True:
+            try:
+                return free_lanes.pop()
+            except IndexError:
+                time.sleep(0)
+
+    def _release_lane(self, lane: int) -> None:
+        self._free_lanes.append(lane)
 
     def _wait_for_hungry_readers(self) -> None:
         while self._hungry[0]:
@@ -420,14 +444,14 @@ class Pool:
         # RloadPBA
         pba = load8(word + 1)
         # RloadLaneCycle, RpersistMapping
-        if self._lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
+        if self._lane_next[pre & LANE_MASK] == pre:
             self._persist(word * 8 + 8, 8)
         # RcopyBlock
         if pba & FLAG_ZERO:
-            buf[:] = self._zero_block
+            memoryview(buf)[:] = self._zero_block
         else:
             off = self._dataoff + (pba & PBA_MASK) * self.bsize
-            buf[:] = self._visible[off : off + self.bsize]
+            memoryview(buf)[:] = self._visible[off : off + self.bsize]
         # RcheckAtomicity (cycle and PBA: see _hot_paths)
         return load8(word) == pre and load8(word + 1) == pba
 
@@ -457,21 +481,21 @@ class Pool:
         try:
             self._swap_mapping(lba, lane, self._lane_free[lane] | FLAG_ZERO)
         finally:
-            self._lane_locks[lane].release()
+            self._release_lane(lane)
 
     def _swap_mapping(self, lba: int, lane: int, newpba: int) -> None:
         word = self._tt_word + 2 * lba
         # WloadOldCycle
         oldcycle = self._load8(word)
-        newcount = self._lane_count[lane] + 1
+        newcycle = self._lane_next[lane]
         # WloadOldPBA
         oldpba = self._load8(word + 1)
         # WswapMapping
-        if self._cas16(word, oldcycle, oldpba, make_cycle(lane, newcount), newpba):
+        if self._cas16(word, oldcycle, oldpba, newcycle, newpba):
             # WpersistMapping
             self._persist(word * 8 + 8, 8)
             # WupdateCycle
-            self._lane_count[lane] = newcount
+            self._lane_next[lane] = newcycle + NFREE
             # WputFreeBlock
             self._lane_free[lane] = oldpba & PBA_MASK
 
@@ -487,34 +511,42 @@ class Pool:
             self._swap_mapping(lba, lane, newpba)
             self._store_persist(self._dataoff + newpba * self.bsize, data)
         finally:
-            self._lane_locks[lane].release()
+            self._release_lane(lane)
 
 
 def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     """The production read, read_into and write, each PlusCal step labelled. btt8.steps has the
-    same steps as generators for interleaving; these stay straight-line for speed."""
+    same steps as generators for interleaving; these stay straight-line for speed: every name
+    is a closure variable, table words are read through strided views (no index arithmetic),
+    and the persistence interface is called through bindings taken once here."""
     nblock, bsize, dataoff, tt_word = pool.nblock, pool.bsize, pool._dataoff, pool._tt_word
-    words, persist, cas16 = pool._pmem.visible_words, pool._persist, pool._cas16
+    cycles, pbas, persist = pool._cycles, pool._pbas, pool._persist
+    swap_persist = pool._pmem.swap_persist
     store_persist, visible = pool._store_persist, pool._visible
-    lane_count, lane_free, lane_locks = pool._lane_count, pool._lane_free, pool._lane_locks
-    acquire_lane, hungry, zero_block = pool._acquire_lane, pool._hungry, pool._zero_block
+    lane_next, lane_free, acquire_lane = pool._lane_next, pool._lane_free, pool._acquire_lane
+    hungry, zero_block = pool._hungry, pool._zero_block
     check_lba, check_len, read_retry = pool._check_lba, pool._check_len, pool._read_retry
+    pop_lane, push_lane, home_lane = pool._free_lanes.pop, pool._free_lanes.append, pool._home_lane
+    tt_byte = tt_word * 8
+    block0 = dataoff // bsize  # dataoff is block aligned: PBA p starts at (p + block0) * bsize
 
     def read(lba: int) -> bytes:
         """The block's current content as bytes."""
         if type(lba) is not int or not 0 <= lba < nblock:
             check_lba(lba)
-        word = tt_word + 2 * lba
         # RloadPreCycle
-        pre = words[word]
+        pre = cycles[lba]
         # RloadPBA
-        pba = words[word + 1]
+        pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
         # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
-        if lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
-            persist(word * 8 + 8, 8)
+        if lane_next[pre & LANE_MASK] == pre:
+            persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock
-        if pba & FLAG_ZERO:
+        if pba < FLAG_UNUSED:
+            off = (pba + block0) * bsize
+            data = visible[off : off + bsize].tobytes()
+        elif pba & FLAG_ZERO:
             data = zero_block
         else:
             off = dataoff + (pba & PBA_MASK) * bsize
@@ -523,10 +555,10 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         # load the new cycle with the old PBA; that block is freed when the write completes and
         # its lane's next write may refill it mid-copy while the cycle still matches. Re-checking
         # the PBA too closes the window (real cmpxchg16b has no such intermediate state).
-        if words[word] == pre and words[word + 1] == pba:
+        if cycles[lba] == pre and pbas[lba] == pba:
             return data
         buf = bytearray(bsize)
-        read_retry(word, buf)
+        read_retry(tt_word + 2 * lba, buf)
         return bytes(buf)
 
     def read_into(lba: int, buf: bytearray | memoryview) -> None:
@@ -535,23 +567,26 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
             check_lba(lba)
         if len(buf) != bsize:
             check_len(buf)
-        word = tt_word + 2 * lba
         # RloadPreCycle
-        pre = words[word]
+        pre = cycles[lba]
         # RloadPBA
-        pba = words[word + 1]
+        pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping
-        if lane_count[pre & LANE_MASK] + 1 == pre >> NFREE_SHIFT:
-            persist(word * 8 + 8, 8)
-        # RcopyBlock
-        if pba & FLAG_ZERO:
-            buf[:] = zero_block
+        if lane_next[pre & LANE_MASK] == pre:
+            persist(tt_byte + 16 * lba + 8, 8)
+        # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
+        # first copy the source into a temporary bytearray)
+        if pba < FLAG_UNUSED:
+            off = (pba + block0) * bsize
+            memoryview(buf)[:] = visible[off : off + bsize]
+        elif pba & FLAG_ZERO:
+            memoryview(buf)[:] = zero_block
         else:
             off = dataoff + (pba & PBA_MASK) * bsize
-            buf[:] = visible[off : off + bsize]
+            memoryview(buf)[:] = visible[off : off + bsize]
         # RcheckAtomicity (cycle and PBA: see read)
-        if words[word] != pre or words[word + 1] != pba:
-            read_retry(word, buf)
+        if cycles[lba] != pre or pbas[lba] != pba:
+            read_retry(tt_word + 2 * lba, buf)
 
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:
         """Atomically replace the block (bytes is the fastest argument type)."""
@@ -562,29 +597,33 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         if hungry[0]:
             pool._wait_for_hungry_readers()
         # Wstart: claim a lane and its free block
-        lane = acquire_lane()
+        if home_lane:
+            lane = acquire_lane()
+        else:
+            try:
+                lane = pop_lane()
+            except IndexError:
+                lane = acquire_lane()
         try:
             newpba = lane_free[lane]
             # WwriteBlock: copy the data into the free block and persist it
-            store_persist(dataoff + newpba * bsize, data)
-            word = tt_word + 2 * lba
+            store_persist((newpba + block0) * bsize, data)
             # WloadOldCycle
-            oldcycle = words[word]
-            newcount = lane_count[lane] + 1
+            oldcycle = cycles[lba]
+            newcycle = lane_next[lane]
             # WloadOldPBA
-            oldpba = words[word + 1]
-            # WswapMapping
-            if cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba):
-                # WpersistMapping: flush the PBA half; its cycle shares the cache line (entries
-                # are 16-byte aligned), so recovery sees the cycle that goes with the PBA
-                persist(word * 8 + 8, 8)
-                # WupdateCycle
-                lane_count[lane] = newcount
+            oldpba = pbas[lba]
+            # WswapMapping, then WpersistMapping if it swapped: one interface call (cas16, then
+            # persist of the PBA half; its cycle shares the cache line, entries being 16-byte
+            # aligned, so recovery sees the cycle that goes with the PBA)
+            if swap_persist(tt_word + 2 * lba, oldcycle, oldpba, newcycle, newpba):
+                # WupdateCycle: the lane's count + 1 (its next cycle moves on by one count)
+                lane_next[lane] = newcycle + NFREE
                 # WputFreeBlock: the old block becomes this lane's free block
                 lane_free[lane] = oldpba & PBA_MASK
             # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
         finally:
-            lane_locks[lane].release()
+            push_lane(lane)
 
     return read, read_into, write
 
@@ -648,6 +687,7 @@ def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
         pmem = MappedPmem(path, readonly=readonly)
     except OSError as exc:
         raise _wrap_os_error(exc, path) from None
+    pool = None
     try:
         if pmem.size < MIN_POOL:
             raise _einval(f"pool size {pmem.size} below the 16 MiB minimum", path)
@@ -655,10 +695,13 @@ def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
         if bsize and bsize != pool.bsize:
             raise _einval(f"pool block size is {pool.bsize}, not {bsize}", path)
         if readonly:
-            pool.write = pool.set_zero = _read_only  # type: ignore[method-assign]
+            pool.write = pool.set_zero = _read_only  # type: ignore[method-assign,assignment]
         return pool
     except BaseException:
-        pmem.close()
+        if pool is None:
+            pmem.close()
+        else:
+            pool.close()  # also drops the pool's views of the mapping
         raise
 
 

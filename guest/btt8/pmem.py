@@ -24,13 +24,22 @@ path never runs a Python frame for them):
     store8(word, value)           aligned 8-byte store (one store)
     cas16(word, old_lo, old_hi, new_lo, new_hi) -> bool
                                   16-byte compare-and-swap of the entry at word (16-aligned)
+    swap_persist(word, old_lo, old_hi, new_lo, new_hi) -> bool
+                                  cas16, then (if it swapped) persist the high half: BTT8's
+                                  WswapMapping + WpersistMapping as one call. The base class
+                                  composes cas16 and persist, so a backend that overrides those
+                                  sees both; the libpmem backend fuses them (one Python frame)
     persist(off, n)               flush the range to the persistence domain
     fence()                       order earlier persists before later stores
     close()
 
-About cas16: Python has no cmpxchg16b. The emulation holds one of a set of striped locks keyed by
-the entry index (= LBA for the translation table), compares both halves, then stores the low half
-(the cycle) before the high half (the PBA). Lock-free readers load the cycle before the PBA and
+About cas16: Python has no cmpxchg16b. The emulation holds one of a set of striped mutexes keyed
+by the entry index (= LBA for the translation table), compares both halves, then stores the low
+half (the cycle) before the high half (the PBA), each an aligned 8-byte store (memoryview 'Q'
+item assignment is one memcpy of 8 bytes: one mov, atomic on media). A mutex is a one-item list:
+list.pop() takes it and list.append() gives it back, each a single C call and so atomic under the
+GIL (a threading.Lock costs four times as much here); a writer that finds it empty yields the GIL
+until the holder is done. Lock-free readers load the cycle before the PBA and
 re-check both afterwards: a reader that sees the new PBA has seen the new cycle or sees it at its
 re-check, and one that saw the new cycle with the old PBA (the state between the two stores, which
 a real cmpxchg16b never exposes) sees the PBA move at its re-check before trusting a copy of a
@@ -54,27 +63,38 @@ import fcntl
 import mmap
 import os
 import stat
-import threading
+import time
 from collections.abc import Callable
 
 # Number of striped locks for the cas16 emulation: enough that 8-64 threads rarely collide.
 CAS_STRIPES = 256
 DEVDAX_ALIGN = 2 << 20
 
+# ctypes passes a Python int without argtypes as a C int: sizes below this go the fast way.
+_FAST_LEN = 1 << 31
+
 _libpmem: ctypes.CDLL | None = None
+_libpmem_raw: ctypes.PyDLL | None = None
 _libpmem_tried = False
 
 
 def libpmem() -> ctypes.CDLL | None:
     """libpmem.so.1 with argtypes set, or None; loaded lazily so that callers (the benchmark) can
     set PMEM_IS_PMEM_FORCE before libpmem reads it in its constructor."""
-    global _libpmem, _libpmem_tried
+    global _libpmem, _libpmem_raw, _libpmem_tried
     if not _libpmem_tried:
         _libpmem_tried = True
         try:
             lib = ctypes.CDLL("libpmem.so.1")
+            raw = ctypes.PyDLL("libpmem.so.1")
         except OSError:
             return None
+        # The hot-path handle: PyDLL keeps the GIL (no release/re-acquire around a sub-microsecond
+        # call) and its functions have no argtypes, so ctypes converts nothing: callers pass a
+        # ctypes.byref pointer and a small int (_FAST_LEN). ~90 ns less per call than argtypes.
+        for name in ("pmem_persist", "pmem_memcpy_persist", "pmem_drain"):
+            getattr(raw, name).restype = None
+        _libpmem_raw = raw
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         lib.pmem_persist.argtypes = [vp, sz]
         lib.pmem_persist.restype = None
@@ -106,13 +126,13 @@ class Pmem:
             mv = mv.toreadonly()
         self._mv = self.visible = mv
         self._q = self.visible_words = mv.cast("Q")
-        self._stripes = [threading.Lock() for _ in range(CAS_STRIPES)]
+        self._stripes: list[list[None]] = [[None] for _ in range(CAS_STRIPES)]
         # C-level bound methods: calling them costs no Python frame on the hot path.
         self.load8: Callable[[int], int] = self._q.__getitem__
         self.store8: Callable[[int, int], None] = self._q.__setitem__
 
     def load(self, off: int, n: int) -> bytes:
-        return self._buf[off : off + n]
+        return bytes(self._buf[off : off + n])  # an mmap slice is bytes already: no copy
 
     def load_into(self, off: int, buf: bytearray | memoryview) -> None:
         buf[:] = self._mv[off : off + len(buf)]
@@ -126,12 +146,26 @@ class Pmem:
 
     def cas16(self, word: int, old_lo: int, old_hi: int, new_lo: int, new_hi: int) -> bool:
         q = self._q
-        with self._stripes[(word >> 1) & (CAS_STRIPES - 1)]:
+        stripe = self._stripes[(word >> 1) & (CAS_STRIPES - 1)]
+        try:
+            stripe.pop()
+        except IndexError:
+            _take_stripe(stripe)
+        try:
             if q[word] != old_lo or q[word + 1] != old_hi:
                 return False
             q[word] = new_lo  # cycle first, PBA second: see the module docstring
             q[word + 1] = new_hi
             return True
+        finally:
+            stripe.append(None)
+
+    def swap_persist(self, word: int, old_lo: int, old_hi: int, new_lo: int,
+                     new_hi: int) -> bool:
+        if self.cas16(word, old_lo, old_hi, new_lo, new_hi):
+            self.persist(word * 8 + 8, 8)
+            return True
+        return False
 
     def persist(self, off: int, n: int) -> None:
         raise NotImplementedError
@@ -147,6 +181,18 @@ class Pmem:
 
 def _closed(*_args: object) -> None:
     raise ValueError("pool is closed")
+
+
+def _take_stripe(stripe: list[None]) -> None:
+    """Slow path of a cas16 stripe mutex: another thread holds it (it is between two bytecodes
+    of its cas16); yield the GIL until it gives the mutex back."""
+    while True:
+        time.sleep(0)
+        try:
+            stripe.pop()
+            return
+        except IndexError:
+            pass
 
 
 class MemoryPmem(Pmem):
@@ -194,6 +240,8 @@ class MappedPmem(Pmem):
                 os.unlink(path)
             raise
         super().__init__(buf, readonly)
+        self._map = buf
+        self._release_whole: Callable[[], None] = _nothing
         if readonly:
             # Nothing is ever stored through a read-only pool, so there is nothing to persist.
             self.persist_mode = "read-only"
@@ -208,23 +256,67 @@ class MappedPmem(Pmem):
 
     def _choose_persist(self) -> None:
         lib = libpmem()
-        if lib is not None and (self.is_devdax or lib.pmem_is_pmem(self._base, self.size)):
+        raw = _libpmem_raw
+        if lib is not None and raw is not None and (
+                self.is_devdax or lib.pmem_is_pmem(self._base, self.size)):
             self.persist_mode = "libpmem"
-            base, flush, copy = self._base, lib.pmem_persist, lib.pmem_memcpy_persist
-            fallback_copy = super().store_persist
+            base, flush = self._base, lib.pmem_persist
+            fast_flush, fast_copy = raw.pmem_persist, raw.pmem_memcpy_persist
+            byref = ctypes.byref
+            # The whole pool as one ctypes array: byref(whole, off) is a pointer into the mapping
+            # built at C level. close() drops it (release_whole), so a call after close raises
+            # TypeError instead of touching an unmapped address.
+            whole: ctypes.Array[ctypes.c_char] | None = \
+                (ctypes.c_char * self.size).from_buffer(self._buf)
+            mv = self._mv
 
             def persist(off: int, n: int) -> None:
-                flush(base + off, n)
+                if n < _FAST_LEN:
+                    fast_flush(byref(whole, off), n)  # type: ignore[arg-type]
+                elif whole is None:
+                    raise ValueError("pool is closed")
+                else:
+                    flush(base + off, n)
 
             def store_persist(off: int, data: bytes | bytearray | memoryview) -> None:
-                if type(data) is bytes:  # ctypes passes bytes as a pointer without a copy
-                    copy(base + off, data, len(data))
+                n = len(data)
+                if type(data) is bytes and n < _FAST_LEN:
+                    # bytes go to C as a pointer to their buffer: no copy, no conversion
+                    fast_copy(byref(whole, off), data, n)  # type: ignore[arg-type]
                 else:
-                    fallback_copy(off, data)
+                    mv[off : off + n] = data
+                    persist(off, n)
 
+            if type(self).cas16 is Pmem.cas16:  # not overridden: fuse swap and persist
+                q, stripes = self._q, self._stripes
+
+                def swap_persist(word: int, old_lo: int, old_hi: int, new_lo: int,
+                                 new_hi: int) -> bool:
+                    stripe = stripes[(word >> 1) & (CAS_STRIPES - 1)]
+                    try:
+                        stripe.pop()
+                    except IndexError:
+                        _take_stripe(stripe)
+                    try:
+                        if q[word] != old_lo or q[word + 1] != old_hi:
+                            return False
+                        q[word] = new_lo  # cycle first, PBA second, as in cas16
+                        q[word + 1] = new_hi
+                    finally:
+                        stripe.append(None)
+                    fast_flush(byref(whole, word * 8 + 8), 8)  # type: ignore[arg-type]
+                    return True
+
+                self.swap_persist = swap_persist  # type: ignore[method-assign]
+
+            def release_whole() -> None:
+                nonlocal whole
+                whole = None
+
+            self._release_whole = release_whole
             self.persist = persist  # type: ignore[method-assign]
             self.store_persist = store_persist  # type: ignore[method-assign]
-            self.fence = lib.pmem_drain  # type: ignore[method-assign]
+            self.fence = raw.pmem_drain  # type: ignore[method-assign]
         elif self.is_devdax:
             self.persist_mode = "none (devdax without libpmem: relies on eADR)"
             self.persist = _no_persist  # type: ignore[method-assign]
@@ -234,18 +326,23 @@ class MappedPmem(Pmem):
     def persist(self, off: int, n: int) -> None:
         # msync fallback: mmap.flush needs a page-aligned offset.
         start = off & ~(mmap.PAGESIZE - 1)
-        self._buf.flush(start, off + n - start)
+        self._map.flush(start, off + n - start)
 
     def close(self) -> None:
         if self.fd < 0:
             return
+        self._release_whole()
         super().close()
-        self._buf.close()
+        self._map.close()
         os.close(self.fd)  # also drops the flock
         self.fd = -1
 
 
 def _no_persist(off: int, n: int) -> None:
+    pass
+
+
+def _nothing() -> None:
     pass
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-from .core import FLAG_ZERO, LANE_MASK, NFREE_SHIFT, PBA_MASK, Pool
+from .core import FLAG_ZERO, LANE_MASK, NFREE, PBA_MASK, Pool
 
 WRITE_LABELS = ("Wstart", "WwriteBlock", "WloadOldCycle", "WloadOldPBA", "WswapMapping",
                 "WpersistMapping", "WupdateCycle", "WputFreeBlock")
@@ -26,8 +26,8 @@ READ_LABELS = ("RloadPreCycle", "RloadPBA", "RloadLaneCycle", "RpersistMapping",
 
 def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None, bool]:
     """Pool.write (or Pool.set_zero when data is None) one step at a time. Several writers driven
-    from one thread each get their own lane: the first holds the thread's home lane, the next
-    finds it taken and scans on. Returns whether the swap happened."""
+    from one thread each get their own lane: each takes a lane off the free-lane stack (the
+    first the thread's pinned lane, if any). Returns whether the swap happened."""
     pool._check_lba(lba)
     if data is not None:
         pool._check_len(data)
@@ -44,21 +44,21 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
         word = pool._tt_word + 2 * lba
         yield "WloadOldCycle"
         oldcycle = pmem.load8(word)
-        newcount = pool._lane_count[lane] + 1
+        newcycle = pool._lane_next[lane]  # make_cycle(lane, lane count + 1)
         yield "WloadOldPBA"
         oldpba = pmem.load8(word + 1)
         yield "WswapMapping"
-        swapped = pmem.cas16(word, oldcycle, oldpba, (newcount << NFREE_SHIFT) | lane, newpba)
+        swapped = pmem.cas16(word, oldcycle, oldpba, newcycle, newpba)
         if swapped:
             yield "WpersistMapping"
             pmem.persist(word * 8 + 8, 8)
             yield "WupdateCycle"
-            pool._lane_count[lane] = newcount
+            pool._lane_next[lane] = newcycle + NFREE  # lane count + 1
         yield "WputFreeBlock"
         if swapped:
             pool._lane_free[lane] = oldpba & PBA_MASK
     finally:
-        pool._lane_locks[lane].release()
+        pool._release_lane(lane)
     return swapped
 
 
@@ -76,9 +76,9 @@ def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int
         yield "RloadPBA"
         pba = pmem.load8(word + 1)
         yield "RloadLaneCycle"
-        lane_count = pool._lane_count[pre & LANE_MASK]
+        lane_next = pool._lane_next[pre & LANE_MASK]  # make_cycle(lane, lane count + 1)
         yield "RpersistMapping"
-        if lane_count + 1 == pre >> NFREE_SHIFT:
+        if lane_next == pre:  # entry count == lane count + 1
             pmem.persist(word * 8 + 8, 8)
         yield "RcopyBlock"
         if pba & FLAG_ZERO:
