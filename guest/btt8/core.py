@@ -25,7 +25,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import compress, repeat
 from types import TracebackType
 
@@ -159,15 +159,24 @@ def format_pool(pmem: Pmem, lay: Layout) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Recovery
+#
+# Everything here works on whole byte planes of the table (plane k = table[k::16], byte k of
+# every entry: a 1-byte-per-entry vector), with the operations CPython runs at C speed over a
+# buffer: step slicing, bytes.translate (a 256-entry lookup per byte), big-int bitwise ops,
+# memchr (`in`), re.finditer. Per-entry Python work is kept to the few candidate entries.
 
 
-# Byte tables for bytes.translate, which applies them to a whole byte plane at C speed.
+# Byte tables for bytes.translate.
 _LANE_HI = bytes(b & 0x0F for b in range(256))  # low nibble of cycle byte 1: lane bits 8-11
 _COUNT_LO = bytes(b & 0xF0 for b in range(256))  # high nibble of cycle byte 1: count bits 0-3
 _NONZERO = bytes(1 if b else 0 for b in range(256))
 _BIT_LENGTH = bytes(b.bit_length() for b in range(256))
 _SHR = [bytes(b >> r for b in range(256)) for r in range(8)]
 _SHL = [bytes((b << r) & 0xFF for b in range(256)) for r in range(8)]
+_BYTE = [bytes([b]) for b in range(256)]
+_BYTE_RE = [re.compile(re.escape(b)) for b in _BYTE]  # finditer of one byte value
+_MAX_ROUNDS = 16  # _tops_by_rounds gives up (and _tops_by_keys runs) after this many rounds
+_FEW = 1 << 16  # remaining entries few enough to read one by one
 
 
 def _or_planes(planes: list[bytes]) -> bytes:
@@ -182,44 +191,107 @@ def _lane_counts(table: bytes, nblocks: int) -> list[int]:
     """Per-lane maximum count (count = cycle >> 12, lane = cycle & 0xFFF) over all entries.
 
     Sorting every cycle costs O(n log n) Python-object compares (~0.4 s for 650k distinct
-    cycles). Instead the work is done on byte planes: plane k = table[k::16] is byte k of every
-    entry's little-endian cycle, a 1-byte-per-entry vector that slicing, bytes.translate and
-    big-int bitwise ops process at memcpy-like speed.
-
-    1. M = the largest count; s = bits to drop so that coarse = count >> s fits in one byte.
-    2. The set of distinct (lane, coarse) keys of the entries with count >= 1 is small (at most
-       256 per lane used), so set() over the key vector is cheap; it gives each lane's top
-       coarse value t[lane].
-    3. count >> s is monotone, so a lane's max-count entry has coarse == t[lane]. The candidates
-       are all entries with count >= 1 whose coarse is in V = {t[lane]} (one translate); they
-       include every lane's max entry, plus only entries of lanes whose own top is higher.
-    4. Exact answer from the few candidates: sort them, the last cycle of each lane wins.
-    Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0.
-    Candidates are typically ~1/256 of the entries per distinct top value; in the worst case
-    (hundreds of lanes with very different counts) they approach all entries and step 4 costs
-    what a plain sort does."""
+    cycles). Instead:
+    1. Only the cycle byte planes up to the highest non-zero one are sliced out (a pool whose
+       counts stay below 2**20 needs planes 0-3). M = the largest count; s = bits to drop so
+       that coarse = count >> s fits in one byte. count >> s is monotone, so a lane's
+       max-count entry has the lane's top coarse value.
+    2. Each lane's top coarse value: _tops_by_rounds when every lane is below 256 (the lane is
+       then plane 0 alone; the usual case: writers take the lowest free lanes), else, or when
+       lanes' tops are too spread out for it, _tops_by_keys.
+    3. The exact count comes from the few candidate entries at a lane's top coarse value.
+    Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0."""
     counts = [0] * NFREE
     zero = bytes(nblocks)
-    planes = [table[k::ENTRY_SIZE] for k in range(8)]
-    planes[1] = planes[1].translate(_COUNT_LO)  # count bits only; lane bits come from below
-    high = max((k for k in range(1, 8) if planes[k] != zero), default=0)
-    if not high:
+    plane1 = table[1::ENTRY_SIZE]
+    count_planes = [plane1.translate(_COUNT_LO)]  # count bits only; lane bits come from below
+    for k in range(7, 1, -1):
+        top_plane = table[k::ENTRY_SIZE]
+        if top_plane != zero:
+            count_planes += [table[j::ENTRY_SIZE] for j in range(2, k)] + [top_plane]
+            break
+    high = len(count_planes)  # highest non-zero cycle byte (1 when counts are below 16)
+    if high == 1 and count_planes[0] == zero:
         return counts  # every count is 0 (a fresh pool)
-    bit_lengths = planes[high].translate(_BIT_LENGTH)
-    top_bits = max(b for b in range(1, 9) if bytes([b]) in bit_lengths)  # memchr, not a loop
+    bit_lengths = count_planes[-1].translate(_BIT_LENGTH)
+    top_bits = max(b for b in range(1, 9) if _BYTE[b] in bit_lengths)  # memchr, not a loop
     count_bits = 8 * high + top_bits - NFREE_SHIFT  # bit length of M
     shift = NFREE_SHIFT + max(0, count_bits - 8)  # coarse = cycle bits [shift, shift + 8)
     k, r = divmod(shift, 8)
-    coarse = planes[k].translate(_SHR[r])
-    if r:
-        coarse = _or_planes([coarse, planes[k + 1].translate(_SHL[8 - r])])
-    has_count = _or_planes(planes[1:high + 1]).translate(_NONZERO)
+    coarse = count_planes[k - 1].translate(_SHR[r])
+    if r and k < high:
+        coarse = _or_planes([coarse, count_planes[k].translate(_SHL[8 - r])])
+    has_count = (_or_planes(count_planes) if high > 1 else count_planes[0]).translate(_NONZERO)
+    lane_lo, lane_hi = table[0::ENTRY_SIZE], plane1.translate(_LANE_HI)
+    cycles = memoryview(table).cast("Q")[0::2]
+    if lane_hi != zero or not _tops_by_rounds(cycles, lane_lo, coarse, has_count, counts):
+        _tops_by_keys(cycles, lane_lo, lane_hi, coarse, has_count, counts)
+    return counts
+
+
+def _raise_to(counts: list[int], cycles: memoryview, positions: Iterator[int]) -> list[int]:
+    """counts[lane] = max(counts[lane], count) over the entries at positions; their lanes."""
+    lanes = []
+    for pos in positions:
+        cycle = cycles[pos]
+        lane, count_ = cycle & LANE_MASK, cycle >> NFREE_SHIFT
+        if count_ > counts[lane]:
+            counts[lane] = count_
+        lanes.append(lane)
+    return lanes
+
+
+def _tops_by_rounds(cycles: memoryview, lane_lo: bytes, coarse: bytes, has_count: bytes,
+                    counts: list[int]) -> bool:
+    """Lanes all below 256 (lane = plane 0). Round after round: t = the top coarse value among
+    the entries (count >= 1) of lanes not yet resolved; every such lane with an entry at t has
+    t as its own top, so its max-count entry is among the entries at t (a memchr-fast finditer).
+    Those lanes are then masked out (one translate of plane 0) and the next round looks at the
+    rest. Costs a few vector ops per distinct top value; False (undecided) if the tops are too
+    spread out."""
+    n = len(lane_lo)
+    remaining = everyone = int.from_bytes(has_count, "little")  # 1 per entry with count >= 1
+    coarse_int = 0
+    masked = coarse  # coarse value of the remaining entries, 0 elsewhere
+    resolved = bytearray(256)  # translate table: lane byte -> 1 when the lane is resolved
+    t = 256
+    for _ in range(_MAX_ROUNDS):
+        # the top only goes down from round to round: probe from the last one (memchr each)
+        t = next((v for v in range(t - 1, 0, -1) if _BYTE[v] in masked), 0)
+        if t:
+            positions: Iterator[int] = (m.start() for m in _BYTE_RE[t].finditer(masked))
+        else:  # the remaining lanes' counts all have coarse value 0: read them one by one
+            left = remaining.to_bytes(n, "little")
+            if left.count(1) > _FEW:
+                return False
+            positions = (m.start() for m in _BYTE_RE[1].finditer(left))
+        for lane in _raise_to(counts, cycles, positions):
+            resolved[lane] = 1
+        member = int.from_bytes(lane_lo.translate(resolved), "little")
+        remaining = everyone & ~member
+        if not remaining:
+            return True
+        if not coarse_int:
+            coarse_int = int.from_bytes(coarse, "little")
+        masked = (coarse_int & remaining * 0xFF).to_bytes(n, "little")
+    return False
+
+
+def _tops_by_keys(cycles: memoryview, lane_lo: bytes, lane_hi: bytes, coarse: bytes,
+                  has_count: bytes, counts: list[int]) -> None:
+    """General case. The set of distinct (lane, coarse) keys of the entries with count >= 1 is
+    small (at most 256 per lane used), so set() over the key vector gives each lane's top
+    coarse value t[lane]. The candidates are all entries with count >= 1 whose coarse is in
+    V = {t[lane]} (one translate); they include every lane's max entry, plus only entries of
+    lanes whose own top is higher. Worst case (hundreds of lanes with very different counts):
+    candidates approach all entries and the final pass costs what a plain sort did."""
+    nblocks = len(lane_lo)
     # key = coarse | lane << 8 | has_count << 24, one little-endian u32 per entry. coarse sits
     # in the low bits so that keys of one lane do not collide in the set's hash table.
     keys = bytearray(4 * nblocks)
     keys[0::4] = coarse
-    keys[1::4] = planes[0]
-    keys[2::4] = table[1::ENTRY_SIZE].translate(_LANE_HI)
+    keys[1::4] = lane_lo
+    keys[2::4] = lane_hi
     keys[3::4] = has_count
     top: dict[int, int] = {}
     for key in sorted(set(memoryview(keys).cast("I"))):  # ascending: the last per lane is max
@@ -228,24 +300,23 @@ def _lane_counts(table: bytes, nblocks: int) -> list[int]:
     wanted = set(top.values())
     in_top = coarse.translate(bytes(v in wanted for v in range(256)))
     candidates = _or_planes([in_top.translate(_SHL[1]), has_count])  # 3 = both
-    cycles = memoryview(table).cast("Q")[0::2]
-    chosen = sorted(cycles[m.start()] for m in re.finditer(b"\x03", candidates))
-    for cycle in chosen:  # ascending, so each lane ends at its max count
-        counts[cycle & LANE_MASK] = cycle >> NFREE_SHIFT
-    return counts
+    _raise_to(counts, cycles, (m.start() for m in re.finditer(b"\x03", candidates)))
 
 
 # Valid top bytes of a PBA word: flag bits only (ZERO 0x80, UNUSED 0x40); anything else is a
 # PBA >= 2**56, out of range for any pool.
 _BAD_FLAG_BYTE = bytes(0 if b in (0x00, 0x40, 0x80, 0xC0) else 1 for b in range(256))
-# 8-byte little-endian words 0, 1, ..., _SCAN_CHUNK-1 and 1, 1, ..., 1, as big ints.
-_RAMP = int.from_bytes(array("Q", range(_SCAN_CHUNK)).tobytes(), "little")
-_ONES = int.from_bytes(array("Q", [1]) * _SCAN_CHUNK, "little")
+_INVERT = bytes(0 if b else 1 for b in range(256))
+# u32 little-endian words 0, 1, ..., _SCAN_CHUNK-1 and 1, 1, ..., 1, as big ints.
+_RAMP = int.from_bytes(array("I", range(_SCAN_CHUNK)).tobytes(), "little")
+_ONES = int.from_bytes(array("I", [1]) * _SCAN_CHUNK, "little")
+_MARKS = b"\x01" * _SCAN_CHUNK
 
 
-def _describe_map_error(pbas: memoryview, lay: Layout) -> str:
+def _describe_map_error(table: bytes, lay: Layout) -> str:
     """Slow path, only on a corrupt map: name the first offending LBA."""
     seen: dict[int, int] = {}
+    pbas = memoryview(table).cast("Q")[1::2]
     for lba, pba in enumerate(map(operator.and_, pbas, repeat(PBA_MASK))):
         if pba >= lay.tblocks:
             return f"LBA {lba} maps to PBA {pba}, out of range (max {lay.tblocks - 1})"
@@ -260,43 +331,51 @@ def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[in
     blocks (exactly nfree of them); each lane's count is the max count seen for it.
 
     Returns (free PBA per lane, count per lane). Raises CorruptionError; never writes."""
-    nblocks, tblocks = lay.nblocks, lay.tblocks
-    entries = memoryview(table)
+    return _recover(table, lay, path)[:2]  # type: ignore[return-value]
+
+
+def _recover(table: bytes, lay: Layout,
+             path: str | None = None) -> tuple[list[int], list[int], bytes]:
+    """recover(), plus the flag-byte plane (byte 15 of every entry) for the caller's counts."""
+    nblocks, tblocks, nfree = lay.nblocks, lay.tblocks, lay.nfree
+    zero = bytes(nblocks)
     # Flags live in bits 62-63, i.e. the top byte of each PBA word; any other bit there means a
-    # PBA >= 2**56, out of range for any pool.
+    # PBA >= 2**56, out of range for any pool. Bytes 4-6 of a PBA word are 0 in any pool of
+    # fewer than 2**32 blocks, so the low 32 bits are the whole PBA.
     top = table[15::ENTRY_SIZE]  # bytes step-slicing: far faster than a strided memoryview
-    hi = bytearray(entries.cast("Q")[1::2].tobytes())
-    pbas = memoryview(hi).cast("Q")
-    if 1 in top.translate(_BAD_FLAG_BYTE):  # memchr on a translated copy (no per-entry loop)
-        raise CorruptionError(_describe_map_error(pbas, lay), path)
-    hi[7::8] = bytes(nblocks)  # clear the flag bytes: hi now holds bare PBAs
+    if 1 in top.translate(_BAD_FLAG_BYTE) or tblocks > 1 << 32 or any(
+            table[k::ENTRY_SIZE] != zero for k in (12, 13, 14)):
+        raise CorruptionError(_describe_map_error(table, lay), path)
+    pbas = memoryview(table).cast("I")[2::4]  # low halves of the PBA words, no copy
 
     used = bytearray(tblocks)
-    nfree = lay.nfree
     # Runs of entries still at their initial PBA (i + nfree) are marked with one slice store;
-    # only the entries that moved pay for a per-entry (C-level) store. A run is recognised by
-    # comparing its bytes with the expected words start+nfree+0, +1, ..., built as one big int
-    # (_RAMP + base * _ONES) instead of an nblocks-long array.
-    marks = b"\x01" * _SCAN_CHUNK
+    # only the entries that moved pay for a per-entry (C-level) store. A chunk whose first and
+    # last entries are in place is compared with the expected words start+nfree+0, +1, ...,
+    # (one big int, _RAMP + base * _ONES: no nblocks-long array).
     try:
         for start in range(0, nblocks, _SCAN_CHUNK):
             end = min(start + _SCAN_CHUNK, nblocks)
             run = pbas[start:end]
-            expect = (_RAMP + (start + nfree) * _ONES).to_bytes(8 * _SCAN_CHUNK, "little")
-            if hi[8 * start:8 * end] == expect[:8 * (end - start)]:
-                used[start + nfree:end + nfree] = marks[:end - start]
+            if (run[0] == start + nfree and run[-1] == end - 1 + nfree
+                    and run == memoryview((_RAMP + (start + nfree) * _ONES).to_bytes(
+                        4 * _SCAN_CHUNK, "little")).cast("I")[:end - start]):
+                used[start + nfree:end + nfree] = _MARKS[:end - start]
             else:
                 # C-level loop; operator.setitem is a fast builtin call (a bound
                 # used.__setitem__ goes through a slower method-wrapper)
                 deque(map(operator.setitem, repeat(used), run, repeat(1)), maxlen=0)
     except IndexError:
-        raise CorruptionError(_describe_map_error(pbas, lay), path) from None
-    free = [m.start() for m in re.finditer(b"\x00", used)]
-    if len(free) != lay.nfree:
-        detail = _describe_map_error(pbas, lay)
-        raise CorruptionError(f"found {len(free)} free blocks, expected {lay.nfree}: {detail}",
+        raise CorruptionError(_describe_map_error(table, lay), path) from None
+    if tblocks < 64 * nfree:  # small pool: one C-level pass beats 4096 regex matches
+        free = list(compress(range(tblocks), used.translate(_INVERT)))
+    else:
+        free = [m.start() for m in _BYTE_RE[0].finditer(used)]
+    if len(free) != nfree:
+        detail = _describe_map_error(table, lay)
+        raise CorruptionError(f"found {len(free)} free blocks, expected {nfree}: {detail}",
                               path)
-    return free, _lane_counts(table, nblocks)
+    return free, _lane_counts(table, nblocks), top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,10 +407,9 @@ class Pool:
         self.nblock = lay.nblocks
         self.nfree = lay.nfree
         table = pmem.load(lay.ttoff, lay.nblocks * ENTRY_SIZE)
-        self._lane_free, counts = recover(table, lay, path)
-        top = table[15::ENTRY_SIZE]
-        self.zeroed_at_open = top.count(0x80) + top.count(0xC0)
-        del table, top
+        self._lane_free, counts, self._flags_at_open = _recover(table, lay, path)
+        self._zeroed_at_open = -1
+        del table
         lane_next = list(range(NFREE, 2 * NFREE))  # count 0 everywhere: next cycle count 1
         for lane in compress(range(NFREE), counts):
             lane_next[lane] = make_cycle(lane, counts[lane] + 1)
@@ -371,6 +449,14 @@ class Pool:
     @_fault_publish_before_data.setter
     def _fault_publish_before_data(self, on: bool) -> None:
         self.write = self._write_publish_before_data if on else self._write_correct
+
+    @property
+    def zeroed_at_open(self) -> int:
+        """Entries that had the ZERO flag when the pool was opened (counted on first use)."""
+        if self._zeroed_at_open < 0:
+            top = self._flags_at_open
+            self._zeroed_at_open = top.count(0x80) + top.count(0xC0)
+        return self._zeroed_at_open
 
     @property
     def persist_mode(self) -> str:

@@ -105,6 +105,14 @@ CYCLES = {
     "duplicate cycles": lambda rng, lba: (lba % 3 + 1) << NFREE_SHIFT | lba % 5,
     "count just over a byte": lambda rng, lba: rng.choice([255, 256, 1]) << NFREE_SHIFT | lba % 9,
     "mostly fresh": lambda rng, lba: 0 if lba % 97 else rng.randrange(1 << 30),
+    # lanes below 256 (recovery's round-by-round path): tops far apart, a lane whose counts
+    # all fall in the lowest coarse bucket, more distinct tops than rounds, fresh entries
+    "low lanes of different scale": lambda rng, lba: (
+        rng.randrange(1 << (2 + 7 * (lba % 6))) << NFREE_SHIFT | (lba % 6) * 37),
+    "low lanes, many tops": lambda rng, lba: (
+        rng.randrange(1, 2 + (lba % 200) ** 2) << NFREE_SHIFT | lba % 200),
+    "low lanes and fresh": lambda rng, lba: (
+        0 if lba % 3 else rng.randrange(1, 1 << 20) << NFREE_SHIFT | lba % 8),
 }
 
 
