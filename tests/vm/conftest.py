@@ -19,6 +19,14 @@ from vmhelpers import make_vm, our_qemus
 from testbed import image as image_mod
 from testbed.vm import VM
 
+VM_TEST_TIMEOUT_S = 900  # a hung guest fails its test instead of eating the CI budget
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("vm") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT_S))
+
 
 @pytest.fixture(scope="session")
 def vm_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
