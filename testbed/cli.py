@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import shlex
 import shutil
 import statistics
@@ -18,14 +19,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from testbed import campaign, runtime
 from testbed import image as image_mod
-from testbed.guest import plain_ssh_argv
-from testbed.nvdimm import MODES, NvdimmError, NvdimmSpec, create_namespace, namespaces, parse_size
-from testbed.report import render_report, write_junit
+from testbed.ndctl import MODES, NdctlError, create_namespace, namespaces
+from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
+from testbed.replay import replay
+from testbed.report import publish
 from testbed.scenario import ScenarioError
-from testbed.vm import VM, VMConfig, VMError
+from testbed.ssh import SSHError, plain_ssh_argv
+from testbed.vm import VM, VMError
+
+log = logging.getLogger("testbed")
 
 
 def _say(msg: str) -> None:
@@ -45,12 +51,6 @@ def _parse_nvdimm(text: str) -> tuple[int, str | None]:
     return nbytes, mode or None
 
 
-def _vm_config(name: str, img: image_mod.Image, accel: str,
-               nvdimms: list[NvdimmSpec]) -> VMConfig:
-    return VMConfig(name=name, kernel=img.kernel, initrd=img.initrd, root_disk=img.root_disk,
-                    accel=accel, nvdimms=nvdimms)  # type: ignore[arg-type]
-
-
 # --- up / ssh / status / down ---
 
 
@@ -58,7 +58,7 @@ def _up(args: argparse.Namespace) -> int:
     name = args.name
     if runtime.qemu_pids(name):
         _say(f"testbed: guest {name} is already running (testbed down {name})")
-        return 1
+        return 2
     t0 = time.monotonic()
     img = image_mod.build()
     data = runtime.data_root() / name
@@ -67,8 +67,7 @@ def _up(args: argparse.Namespace) -> int:
         _say(f"nvdimm: {s.backing} ({s.size >> 20} MiB region"
              f"{', existing content kept' if s.backing.exists() else ', new'})")
     state_dir = runtime.state_dir(name)
-    vm = VM(_vm_config(name, img, args.accel, specs), state_dir, client_key=img.client_key,
-            known_hosts=img.known_hosts, daemonize=True)
+    vm = VM.from_image(img, name, state_dir, daemonize=True, accel=args.accel, nvdimms=specs)
     try:
         vm.start()
         _say(f"[{time.monotonic() - t0:5.1f}s] QEMU pid {vm.pid} running ({vm.accel}), "
@@ -81,7 +80,7 @@ def _up(args: argparse.Namespace) -> int:
             existing = [ns for ns in namespaces(vm, region) if "uuid" in ns]
             entry = {"backing": str(spec.backing), "size": spec.size, "region": region}
             if mode and not existing:
-                entry["device"] = create_namespace(vm, mode, region)  # type: ignore[arg-type]
+                entry["device"] = create_namespace(vm, mode, region)
                 _say(f"nvdimm{i}: {mode} namespace {entry['device']}")
             nv_state.append(entry)
         assert vm.pid is not None and vm.ssh_port is not None and vm.accel is not None
@@ -108,7 +107,7 @@ def _ssh(args: argparse.Namespace) -> int:
     st = runtime.load(args.name)
     if st is None or not runtime.qemu_pids(args.name):
         _say(f"testbed: no running guest {args.name} (testbed up --name {args.name})")
-        return 1
+        return 2
     argv = _ssh_argv(st)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if cmd:
@@ -116,7 +115,7 @@ def _ssh(args: argparse.Namespace) -> int:
     _say("equivalent: " + shlex.join(argv))
     if shutil.which("ssh") is None:
         _say("testbed: the ssh client is missing (apt-get install openssh-client)")
-        return 1
+        return 2
     return subprocess.call(argv)
 
 
@@ -125,7 +124,7 @@ def _status(args: argparse.Namespace) -> int:
     for name in runtime.names():
         st = runtime.load(name)
         pids = runtime.qemu_pids(name)
-        row = {"name": name, "running": bool(pids), "pids": pids}
+        row: dict[str, Any] = {"name": name, "running": bool(pids), "pids": pids}
         if st is not None:
             row.update(ssh_port=st.ssh_port, accel=st.accel, boot_seconds=st.boot_seconds,
                        uptime_s=round(time.time() - st.started_at), nvdimms=st.nvdimms,
@@ -183,7 +182,7 @@ def _image(args: argparse.Namespace) -> int:
     else:
         for k, v in data.items():
             print(f"{k:<15} {v['path'] + '  ' + str(v['bytes']) if isinstance(v, dict) else v}")
-    return 0 if data["built"] else 1
+    return 0
 
 
 # --- bench ---
@@ -196,8 +195,8 @@ def _bench(args: argparse.Namespace) -> int:
         spec = NvdimmSpec(Path(tmp) / "nvdimm0.img", 256 << 20)
         for i in range(args.runs):
             t0 = time.monotonic()
-            with VM(_vm_config(f"bench{i}", img, args.accel, [spec]), Path(tmp) / f"run{i}",
-                    client_key=img.client_key, known_hosts=img.known_hosts) as vm:
+            with VM.from_image(img, f"bench{i}", Path(tmp) / f"run{i}", accel=args.accel,
+                               nvdimms=[spec]) as vm:
                 vm.start()
                 boot = vm.wait_for_ssh(120)
                 vm.succeed("true")
@@ -286,13 +285,13 @@ def _report(args: argparse.Namespace) -> int:
     if not (run_dir / "summary.json").is_file():
         _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
         return 2
-    write_junit(run_dir)
-    print(render_report(run_dir))
+    publish(run_dir)
+    print(run_dir / "report.html")
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
-    return campaign.replay(Path(args.cut_dir), args.accel)
+    return replay(Path(args.cut_dir), args.accel)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -322,17 +321,40 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+def _configure_logging(verbose: bool) -> None:
+    """-v: every phase, QMP command and SSH command, timestamped, on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success; 1 violations found (`run` only); 2 anything that went wrong.
+    `ssh NAME -- CMD` passes the guest command's own status through, like ssh."""
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every phase, QMP and SSH command (and tracebacks)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
     try:
         return args.func(args)
-    except (VMError, image_mod.ImageError, NvdimmError) as e:
+    except KeyboardInterrupt:
+        _say("testbed: interrupted")
+        return 2
+    except (VMError, SSHError, image_mod.ImageError, NvdimmError, NdctlError, OSError) as e:
         _say(f"testbed: {e}")
-        return 1
+        log.debug("traceback", exc_info=True)
+        return 2
+    except Exception as e:
+        _say(f"testbed: {args.command} failed: {type(e).__name__}: {e}"
+             + ("" if args.verbose else " (-v for the traceback)"))
+        log.debug("traceback", exc_info=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Emulated NVDIMMs: backing files, sizing rules, crash images, in-guest namespaces.
+"""Emulated NVDIMMs on the host: backing files, sizing rules, crash images.
 
 QEMU carves the label area from the end of the memory backend, so a backing file holds
 `size + label_size` bytes and the guest sees a region of `size` bytes. Linux aligns pmem regions
@@ -7,22 +7,15 @@ to 16 MiB: a region that is not a multiple of it cannot be split into namespaces
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from testbed.vm import VM
 
 MiB = 1 << 20
 REGION_ALIGN = 16 * MiB
 MIN_LABEL_SIZE = 128 * 1024
-Mode = Literal["raw", "fsdax", "devdax", "sector"]
-MODES: tuple[str, ...] = ("raw", "fsdax", "devdax", "sector")
 
 
 class NvdimmError(ValueError):
@@ -110,63 +103,3 @@ def copy_crash_image(src: Path, dst: Path) -> Path:
     shutil.copystat(src, tmp)
     tmp.rename(dst)
     return dst
-
-
-# --- in the guest: ndctl through vm.succeed (argv lists, never shell strings) ---
-
-
-def region_info(vm: VM, region: str = "region0") -> dict[str, Any]:
-    """`ndctl list` of one region with its DIMM mappings and namespaces."""
-    out = json.loads(vm.succeed("ndctl", "list", "-R", "-D", "-N", "-r", region) or "{}")
-    regions = out.get("regions", []) if isinstance(out, dict) else out
-    if not regions:
-        raise NvdimmError(f"guest has no NVDIMM region {region}")
-    return regions[0]
-
-
-def _labelled(r: dict[str, Any]) -> bool:
-    # A label-less region is one raw namespace without a uuid and has no space left.
-    return bool(r.get("available_size")) or any("uuid" in ns for ns in r.get("namespaces", []))
-
-
-def init_labels(vm: VM, region: str = "region0") -> bool:
-    """Initialise the region's label area if it has none (first use of a backing file); True if
-    it did. Without labels a region cannot be split into namespaces (DESIGN "Traps seen")."""
-    r = region_info(vm, region)
-    if _labelled(r):
-        return False
-    dimms = [m["dimm"] for m in r.get("mappings", [])]
-    vm.succeed("ndctl", "disable-region", region)
-    vm.succeed("ndctl", "init-labels", "-f", *dimms)
-    vm.succeed("ndctl", "enable-region", region)
-    return True
-
-
-def device_path(ns: dict[str, Any]) -> str:
-    """/dev path of a namespace from its ndctl JSON (pmemN, pmemN.Ms, daxN.M)."""
-    if ns.get("blockdev"):
-        return f"/dev/{ns['blockdev']}"
-    chardev = ns.get("chardev") or ns.get("daxregion", {}).get("devices", [{}])[0].get("chardev")
-    if chardev:
-        return f"/dev/{chardev}"
-    raise NvdimmError(f"namespace {ns.get('dev')} has no device node: {ns}")
-
-
-def namespaces(vm: VM, region: str = "region0") -> list[dict[str, Any]]:
-    return region_info(vm, region).get("namespaces", [])
-
-
-def create_namespace(vm: VM, mode: Mode, region: str = "region0",
-                     size: int | None = None) -> str:
-    """Create a namespace of `mode` (whole free space unless `size`); return its /dev path."""
-    if mode not in MODES:
-        raise NvdimmError(f"namespace mode must be one of {', '.join(MODES)}, not {mode!r}")
-    init_labels(vm, region)
-    argv = ["ndctl", "create-namespace", "-r", region, "-m", mode]
-    if size is not None:
-        argv += ["-s", str(size)]
-    return device_path(json.loads(vm.succeed(*argv)))
-
-
-def destroy_namespaces(vm: VM, region: str = "region0") -> None:
-    vm.succeed("ndctl", "destroy-namespace", "all", "-r", region, "-f")

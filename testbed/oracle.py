@@ -28,16 +28,15 @@ Modelling:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tbagent.payload import ZERO, Decoded, WriteId, op_at
 
 INF = float("inf")
-VIOLATION_KINDS = ("torn", "phantom", "lost-ack", "read-reverted", "unrecoverable")
+VIOLATION_KINDS = ("torn", "phantom", "lost-ack", "read-reverted", "unrecoverable",
+                   "worker-died")
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,10 @@ class Violation:
     detail: str
     survivor: Decoded | None = None
     contradicts: Op | None = None  # the acked write rolled back, or the read that reverted
+
+    def __post_init__(self) -> None:
+        if self.kind not in VIOLATION_KINDS:
+            raise ValueError(f"unknown violation kind {self.kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,17 +106,6 @@ class Verdict:
         }
 
 
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """The events the host received; a line cut short by the power cut is dropped."""
-    events = []
-    for line in Path(path).read_bytes().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
-
-
 def next_resume(events: Iterable[dict[str, Any]], resume: list[int]) -> list[int]:
     """Per-thread op index for the next round: past every op this round was seen invoking."""
     after = list(resume)
@@ -146,11 +138,13 @@ def judge(
     """
     epoch = workload["epoch"]
     verdict = Verdict(epoch)
+    events = [e for e in events if e.get("epoch") == epoch]
+    verdict.violations.extend(worker_deaths(workload["threads"], events))
     if not recovery.get("ok"):
         error = recovery.get("error", "recover-and-dump failed")
         verdict.violations.append(Violation("unrecoverable", None, error))
         return verdict
-    history = _History(workload, [e for e in events if e.get("epoch") == epoch], unseen_ops)
+    history = _History(workload, events, unseen_ops)
     initial = initial or {}
     for lba in range(workload["lbas"]):
         survivor = Decoded.from_json(recovery["blocks"][str(lba)])
@@ -159,6 +153,24 @@ def judge(
             verdict.violations.append(violation)
     verdict.stats = history.stats
     return verdict
+
+
+def worker_deaths(threads: int, events: list[dict[str, Any]]) -> list[Violation]:
+    """Every workload thread must end its round alive or be cut mid-op. A thread that died of
+    an exception the target raised (`died`, with its traceback), or that is missing from a round
+    the agent finished (`done` without the thread's `end`), is a finding about the target."""
+    found = [
+        Violation("worker-died", e.get("lba"),
+                  f"thread {e.get('thread')} died in op {e.get('op')} ({e.get('kind')}):\n"
+                  f"{e.get('error', '')}")
+        for e in events if e.get("ev") == "died"
+    ]
+    if any(e.get("ev") == "done" for e in events):
+        ended = {e.get("thread") for e in events if e.get("ev") in ("end", "fail", "died")}
+        found += [Violation("worker-died", None,
+                            f"thread {t} vanished: the round finished without its end event")
+                  for t in range(threads) if t not in ended]
+    return found
 
 
 class _History:
@@ -191,20 +203,22 @@ class _History:
         stats = dict(acked_writes=0, indeterminate_writes=0, reads=0, unreported_survivors=0)
         for key, inv in invokes.items():
             res = results.get(key)
-            acked = res is not None and res["ev"] == "ok"
+            ok = res if res is not None and res["ev"] == "ok" else None
+            acked = ok is not None
             kind, lba = inv["kind"], inv["lba"]
-            end = res["t"] if acked else INF
+            end = ok["t"] if ok is not None else INF
             if kind == "read":
-                if not acked or "value" not in res:
+                if ok is None or "value" not in ok:
                     continue  # a read cut short observed nothing we know of
-                op = Op("read", Decoded.from_json(res["value"]), inv["t"], end, *key)
+                op = Op("read", Decoded.from_json(ok["value"]), inv["t"], end, *key)
                 stats["reads"] += 1
             else:
-                value = Decoded("write", WriteId(self.epoch, *key)) if kind == "write" else ZERO
+                wid = WriteId(self.epoch, *key)
+                value = Decoded("write", wid) if kind == "write" else ZERO
                 op = Op(kind, value, inv["t"], end, *key)
                 stats["acked_writes" if acked else "indeterminate_writes"] += 1
                 if kind == "write":
-                    self.writes.setdefault(lba, {})[value.write_id] = op
+                    self.writes.setdefault(lba, {})[wid] = op
             self.by_lba.setdefault(lba, []).append(op)
         self.stats = stats
 
@@ -261,7 +275,8 @@ class _History:
             return "torn"
         if value.kind == "phantom":
             return "phantom"
-        if value.kind == "write" and not self.genuine(value.write_id, lba):
+        if value.kind == "write" and (value.write_id is None
+                                      or not self.genuine(value.write_id, lba)):
             return "phantom"
         return None
 
@@ -276,8 +291,7 @@ class _History:
             kind = self.bad_value(lba, op.value, initial)
             if kind is None:
                 wid = op.value.write_id
-                current = wid is not None and wid.epoch == self.epoch
-                if not current or wid in self.writes.get(lba, {}):
+                if wid is None or wid.epoch != self.epoch or wid in self.writes.get(lba, {}):
                     continue
                 unreported = self.unreported_write(wid, lba) if op is final else None
                 if unreported is not None:

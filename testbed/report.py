@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from testbed.oracle import read_events
+from testbed import events as events_mod
 from testbed.results import EVENTS, VERDICT, write_bytes_atomic, write_text_atomic
 
 KIND_COLOURS = {"write": "#3b82c4", "zero": "#9aa5b1", "read": "#4caf6e"}
@@ -106,12 +106,18 @@ h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;
 text-align:left;vertical-align:top} th{background:#f4f6f8}
 .badge{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:600}
-.passed{background:#2e8b57} .violations{background:#c62828} .testbed-failure{background:#e08a00}
+.passed{background:#2e8b57} .violations{background:#c62828} .failed{background:#e08a00}
 .running{background:#607d8b} .ok{color:#2e8b57;font-weight:600} .bad{color:#c62828;font-weight:600}
 .muted{color:#68707a} code,pre{font:12px/1.4 ui-monospace,monospace} pre{background:#f6f8fa;
 padding:8px;overflow-x:auto;white-space:pre-wrap} svg{display:block;margin:6px 0}
 details{margin:8px 0} summary{cursor:pointer}
 """
+
+
+def publish(run_dir: str | Path) -> None:
+    """Re-render junit.xml and report.html from what the run folder holds now."""
+    write_junit(run_dir)
+    render_report(run_dir)
 
 
 def render_report(run_dir: str | Path) -> Path:
@@ -129,6 +135,8 @@ def render_report(run_dir: str | Path) -> Path:
     ]
     if summary.get("failure"):
         body.append(f'<p class="bad">Testbed failure: {escape(summary["failure"])}</p>')
+    if summary.get("stopped"):
+        body.append(f'<p class="bad">{escape(summary["stopped"])}</p>')
     body += _summary_section(summary)
     body += _phases_section(summary, cuts)
     body += _verdict_table(cuts)
@@ -273,7 +281,7 @@ def _verdict_table(cuts: list[dict[str, Any]]) -> list[str]:
 def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
     n = c["cut"]
     events_path = run_dir / f"cut-{n}" / EVENTS
-    events = read_events(events_path) if events_path.exists() else []
+    events = events_mod.read(events_path) if events_path.exists() else []
     bad_lbas = {v["lba"] for v in c["violations"] if v["lba"] is not None}
     start = next((e["t"] for e in events if e.get("ev") == "start"), None)
     parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
@@ -332,7 +340,7 @@ def _timeline(
         key = (inv["thread"], inv["op"])
         res = results.get(key)
         acked = res is not None and res["ev"] == "ok"
-        end = res["t"] if acked else cut_t
+        end = res["t"] if res is not None and acked else cut_t
         x = left + (inv["t"] - t0) * scale
         w = max(1.5, (end - inv["t"]) * scale)
         y = top + threads.index(inv["thread"]) * row_h + 3

@@ -5,7 +5,9 @@ results/<run-id>/
   cut-N/  console.log  qmp-events.log  events.jsonl  recovery.json  verdict.json  [crash.img]
 
 The orchestrator writes a cut's logs into `cut_dir(n)` under the names below, then calls
-`record_cut`; summary, JUnit and report are rewritten (atomically) after every cut.
+`record_cut`; summary.json is rewritten (atomically) on every change, and the caller re-renders
+junit.xml and report.html from the folder (testbed.report.publish), so an interrupted run keeps
+every finished cut.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from testbed import __version__
 from testbed.scenario import Scenario
+from testbed.vm import VMError
 
 CONSOLE_LOG = "console.log"
 QMP_LOG = "qmp-events.log"
@@ -29,25 +32,44 @@ EVENTS = "events.jsonl"
 RECOVERY = "recovery.json"
 VERDICT = "verdict.json"
 CRASH_IMAGE = "crash.img"
+FAILURE = "failure.txt"
 
 EXIT_PASS = 0
 EXIT_VIOLATIONS = 1
 EXIT_TESTBED_FAILURE = 2
 
 
+STATUS = {EXIT_PASS: "passed", EXIT_VIOLATIONS: "violations", EXIT_TESTBED_FAILURE: "failed"}
+
+
 def exit_code(violations: int, testbed_failed: bool) -> int:
-    """2 beats 1 beats 0: a testbed failure is never reported as a pass or as a verdict."""
-    if testbed_failed:
-        return EXIT_TESTBED_FAILURE
-    return EXIT_VIOLATIONS if violations else EXIT_PASS
+    """A violation found is 1 whatever happened after it; otherwise a testbed failure is 2,
+    never a pass."""
+    if violations:
+        return EXIT_VIOLATIONS
+    return EXIT_TESTBED_FAILURE if testbed_failed else EXIT_PASS
 
 
-def progress_line(cut: int, total: int, phase: str, elapsed_s: float, violations: int) -> str:
-    """`cut 3/24  recover  elapsed 4m07s  violations 0`, one line per phase change."""
-    minutes, seconds = divmod(int(elapsed_s), 60)
-    return (
-        f"cut {cut}/{total}  {phase:<9} elapsed {minutes}m{seconds:02d}s  violations {violations}"
-    )
+def describe_failure(where: str, error: BaseException) -> tuple[str, str]:
+    """(one line saying what failed and where, the full text when there is more to it)."""
+    message = error.message if isinstance(error, VMError) else str(error)
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    line = f"{where}: {type(error).__name__}" + (f": {first[:300]}" if first else "")
+    full = str(error).strip()
+    return line, full if full != first else ""
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def progress_line(cut: int, total: int, phase: str, elapsed_s: float, violations: int,
+                  eta_s: float | None = None) -> str:
+    """`cut 3/24  recover   elapsed 4m07s  eta 6m10s  violations 0`, one line per phase."""
+    eta = f"  eta {_duration(eta_s)}" if eta_s is not None else ""
+    return (f"cut {cut}/{total}  {phase:<9} elapsed {_duration(elapsed_s)}{eta}  "
+            f"violations {violations}")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -120,6 +142,7 @@ class RunResults:
         self.cuts: list[dict[str, Any]] = []
         self.run_phases: dict[str, float] = {}
         self.failure: str | None = None
+        self.stopped: str | None = None  # why the campaign ended early on a verdict
         self.status = "running"
 
     @classmethod
@@ -193,21 +216,29 @@ class RunResults:
         }
         write_json_atomic(cut_dir / VERDICT, record)
         self.cuts = [c for c in self.cuts if c["cut"] != n] + [record]
-        self._write_all()
+        self._write_summary()
 
-    def record_failure(self, message: str) -> None:
-        """The testbed itself failed (boot timeout, lost guest, ...): exit 2, never a pass."""
+    def record_failure(self, message: str, detail: str = "") -> None:
+        """The testbed itself failed (boot timeout, lost guest, ...): `message` is one line;
+        `detail` (command line, output, console tail) goes to failure.txt."""
         self.failure = message
-        self._write_all()
+        if detail:
+            write_text_atomic(self.run_dir / FAILURE, f"{message}\n\n{detail}\n")
+        self._write_summary()
+
+    def record_stop(self, reason: str) -> None:
+        """The campaign ended early because of a verdict (the target is unrecoverable)."""
+        self.stopped = reason
+        self._write_summary()
 
     def finish(self) -> int:
         violations = sum(sum(c["counts"].values()) for c in self.cuts)
         incomplete = len(self.cuts) < self.scenario.cuts.count
-        if incomplete and self.failure is None:
+        if incomplete and self.failure is None and self.stopped is None:
             self.failure = f"only {len(self.cuts)} of {self.scenario.cuts.count} cuts finished"
         code = exit_code(violations, self.failure is not None)
-        self.status = {0: "passed", 1: "violations", 2: "testbed-failure"}[code]
-        self._write_all()
+        self.status = STATUS[code]
+        self._write_summary()
         return code
 
     def summary(self) -> dict[str, Any]:
@@ -228,6 +259,7 @@ class RunResults:
             if self.status != "running"
             else None,
             "failure": self.failure,
+            "stopped": self.stopped,
             "cuts": len(self.cuts),
             "cuts_planned": self.scenario.cuts.count,
             "cuts_with_violations": sum(1 for c in self.cuts if not c["ok"]),
@@ -240,10 +272,3 @@ class RunResults:
 
     def _write_summary(self) -> None:
         write_json_atomic(self.run_dir / "summary.json", self.summary())
-
-    def _write_all(self) -> None:
-        from testbed.report import render_report, write_junit  # report reads what we wrote
-
-        self._write_summary()
-        write_junit(self.run_dir)
-        render_report(self.run_dir)

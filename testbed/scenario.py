@@ -14,15 +14,12 @@ from typing import Any
 
 import yaml
 
-TARGET_KINDS = ("btt8", "kernel-btt", "raw-pmem")
-NAMESPACES = ("devdax", "fsdax")
+from testbed.restart import RESTARTS
+from testbed.targets import TARGETS, TargetSpec, driver_class, make_target, namespaces_of
+
 ACCELS = ("auto", "kvm", "tcg")
-CUT_MODES = ("quit", "reset")
-# The Linux BTT only offers these sector sizes for 512/4096-byte logical blocks; a workload
-# block bigger than one sector would legitimately tear on kernel-btt.
-KERNEL_BTT_BSIZES = (512, 4096)
-BTT8_MIN_POOL_MIB = 16
-BTT8_NFREE = 4096
+ON_UNRECOVERABLE = ("stop", "reformat")
+MIN_NVDIMM_MIB = 16  # one region alignment unit
 MIB = 1 << 20
 
 
@@ -31,7 +28,9 @@ class ScenarioError(ValueError):
 
 
 @dataclass(frozen=True)
-class NvdimmSpec:
+class NvdimmSize:
+    """The scenario's `vm.nvdimm` (the host-side file is testbed.nvdimm.NvdimmSpec)."""
+
     size_mib: int = 512
     label_kib: int = 128
 
@@ -41,15 +40,7 @@ class VmSpec:
     memory_mib: int = 1024
     smp: int = 2
     accel: str = "auto"
-    nvdimm: NvdimmSpec = NvdimmSpec()
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    kind: str
-    bsize: int
-    namespace: str | None = None  # btt8 only: devdax (pool on /dev/daxN.M) or fsdax (pool file)
-    pool_mib: int | None = None  # btt8 pool size; None on devdax = the whole device
+    nvdimm: NvdimmSize = NvdimmSize()
 
 
 @dataclass(frozen=True)
@@ -78,7 +69,8 @@ class CutWhen:
 class CutsSpec:
     count: int
     when: CutWhen
-    mode: str = "quit"
+    mode: str = "quit"  # a restart strategy (testbed.restart.RESTARTS)
+    on_unrecoverable: str = "stop"  # or reformat the target and go on
 
 
 @dataclass(frozen=True)
@@ -107,24 +99,14 @@ class Scenario:
             return None
         return random.Random(f"{self.seed}:cut:{cut}").uniform(*window)
 
-    def agent_target(self, path: str) -> dict[str, Any]:
-        """The agent's `target` object for the device or pool file at `path` in the guest."""
-        target: dict[str, Any] = {
-            "kind": self.target.kind,
-            "path": path,
-            "bsize": self.target.bsize,
-        }
-        if self.target.pool_mib is not None:
-            target["pool_mib"] = self.target.pool_mib
-        return target
-
     def workload_config(
-        self, path: str, events: str, epoch: int, resume: list[int] | None = None
+        self, target: dict[str, Any], events: str, epoch: int, resume: list[int] | None = None
     ) -> dict[str, Any]:
-        """Stdin of `python3 -m tbagent workload` for cut round `epoch` (the cut number)."""
+        """Stdin of `python3 -m tbagent workload` for cut round `epoch` (the cut number);
+        `target` is the driver's agent_target()."""
         w = self.workload
         config: dict[str, Any] = {
-            "target": self.agent_target(path),
+            "target": target,
             "seed": self.seed,
             "epoch": epoch,
             "threads": w.threads,
@@ -296,26 +278,28 @@ class _Validator:
         )
         return VmSpec(**v)
 
-    def nvdimm(self, node: Node, key: str) -> NvdimmSpec:
+    def nvdimm(self, node: Node, key: str) -> NvdimmSize:
         v = self.mapping(
-            node, key, {"size_mib": self.integer(BTT8_MIN_POOL_MIB), "label_kib": self.integer(128)}
+            node, key, {"size_mib": self.integer(MIN_NVDIMM_MIB), "label_kib": self.integer(128)}
         )
         size = v.get("size_mib")
         if size is not None and size % 16:
             # The region must be a multiple of its 16 MiB alignment or ndctl cannot carve it.
             item = _child(node, "size_mib")
             raise self.fail(item, f"{key}.size_mib", f"expected a multiple of 16, got {size}")
-        return NvdimmSpec(**v)
+        return NvdimmSize(**v)
 
     def target(self, node: Node, key: str) -> TargetSpec:
+        """Generic types here; which keys a kind takes and their rules are its driver's."""
+        all_namespaces = tuple(dict.fromkeys(ns for kind in TARGETS for ns in namespaces_of(kind)))
         v = self.mapping(
             node,
             key,
             {
-                "kind": self.choice(TARGET_KINDS),
-                "namespace": self.choice(NAMESPACES),
+                "kind": self.choice(tuple(TARGETS)),
+                "namespace": self.choice(all_namespaces),
                 "bsize": self.integer(512),
-                "pool_mib": self.integer(BTT8_MIN_POOL_MIB),
+                "pool_mib": self.integer(MIN_NVDIMM_MIB),
             },
             required=("kind", "bsize"),
         )
@@ -324,23 +308,28 @@ class _Validator:
             raise self.fail(
                 _child(node, "bsize"), f"{key}.bsize", f"expected a power of two, got {bsize}"
             )
-        if kind == "kernel-btt" and bsize not in KERNEL_BTT_BSIZES:
-            raise self.fail(
-                _child(node, "bsize"),
-                f"{key}.bsize",
-                f"kernel-btt sectors are 512 or 4096, got {bsize}",
-            )
-        if kind != "btt8":
-            for name in ("namespace", "pool_mib"):
-                if name in v:
-                    raise self.fail(_child(node, name), f"{key}.{name}", "only valid for kind btt8")
-            return TargetSpec(**v)
-        v.setdefault("namespace", "devdax")
-        if v["namespace"] == "fsdax" and "pool_mib" not in v:
-            raise self.fail(
-                node, f"{key}.pool_mib", "required key is missing (fsdax pool file size)"
-            )
-        return TargetSpec(**v)
+        choices = namespaces_of(kind)
+        if "namespace" in v and v["namespace"] not in choices:
+            with_choice = [k for k in TARGETS if namespaces_of(k)]
+            valid = (f"expected one of {', '.join(choices)}" if choices
+                     else f"only valid for kind {', '.join(with_choice)}")
+            raise self.fail(_child(node, "namespace"), f"{key}.namespace", valid)
+        if choices:
+            v.setdefault("namespace", choices[0])
+        driver = driver_class(kind, v.get("namespace"))
+        for name in ("pool_mib",):
+            if name in v and name not in driver.optional_keys:
+                users = sorted({f"{c.kind}" + (f" on {c.namespace}" if c.namespace else "")
+                                for by_ns in TARGETS.values() for c in by_ns.values()
+                                if name in c.optional_keys})
+                raise self.fail(_child(node, name), f"{key}.{name}",
+                                f"only valid for {', '.join(users)}")
+        spec = TargetSpec(**v)
+        problem = driver.check(spec)
+        if problem:
+            name, message = problem
+            raise self.fail(_child(node, name), f"{key}.{name}", message)
+        return spec
 
     def workload(self, node: Node, key: str) -> WorkloadSpec:
         v = self.mapping(
@@ -372,7 +361,12 @@ class _Validator:
         v = self.mapping(
             node,
             key,
-            {"count": self.integer(1), "mode": self.choice(CUT_MODES), "when": self.when},
+            {
+                "count": self.integer(1),
+                "mode": self.choice(tuple(RESTARTS)),
+                "when": self.when,
+                "on_unrecoverable": self.choice(ON_UNRECOVERABLE),
+            },
             required=("count", "when"),
         )
         return CutsSpec(**v)
@@ -392,33 +386,21 @@ class _Validator:
 
     def check_fits(self, root: Node, s: Scenario) -> None:
         """The working set must fit the target; caught here rather than minutes into a run."""
-        target_node = _child(root, "target")
+        region = s.vm.nvdimm.size_mib * MIB
         pool_mib = s.target.pool_mib
-        if pool_mib is not None and pool_mib > s.vm.nvdimm.size_mib:
+        if pool_mib is not None and pool_mib * MIB > region:
             raise self.fail(
-                _child(target_node, "pool_mib"),
+                _child(_child(root, "target"), "pool_mib"),
                 "target.pool_mib",
                 f"pool ({pool_mib} MiB) is larger than vm.nvdimm.size_mib ({s.vm.nvdimm.size_mib})",
             )
-        size = (pool_mib or s.vm.nvdimm.size_mib) * MIB
-        capacity = (
-            btt8_nblocks(size, s.target.bsize)
-            if s.target.kind == "btt8"
-            else size // s.target.bsize
-        )
+        capacity = make_target(s.target).capacity(region)
         if s.workload.lbas > capacity:
             raise self.fail(
                 _child(_child(root, "workload"), "lbas"),
                 "workload.lbas",
                 f"working set of {s.workload.lbas} blocks exceeds the target's {capacity}",
             )
-
-
-def btt8_nblocks(pool_bytes: int, bsize: int) -> int:
-    """Usable LBAs of a BTT8 pool (the sizing rule from DESIGN.md); <= 0 means too small."""
-    k = pool_bytes // bsize - 1
-    data = k * bsize // (bsize + 16)
-    return data - BTT8_NFREE
 
 
 def _child(node: Node, name: str) -> Node:

@@ -22,17 +22,18 @@ from testbed.image import HOST_KEY_ALIAS
 # carry what matters.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
+log = logging.getLogger(__name__)
 
 
-class GuestError(Exception):
+class SSHError(Exception):
     """SSH-level failure talking to the guest."""
 
 
-class HostKeyMismatch(GuestError):
+class HostKeyMismatch(SSHError):
     """The guest presented a host key other than the pinned one: refused."""
 
 
-class SSHTimeout(GuestError):
+class SSHTimeout(SSHError):
     """The guest did not accept SSH (or a command did not finish) before the deadline."""
 
 
@@ -47,7 +48,7 @@ class Result:
 def pinned_key(known_hosts: Path, alias: str = HOST_KEY_ALIAS) -> paramiko.PKey:
     keys = paramiko.HostKeys(str(known_hosts)).lookup(alias)
     if not keys:
-        raise GuestError(f"{known_hosts} has no host key for {alias}")
+        raise SSHError(f"{known_hosts} has no host key for {alias}")
     return next(iter(keys.values()))
 
 
@@ -62,7 +63,7 @@ def plain_ssh_argv(port: int, client_key: Path, known_hosts: Path) -> list[str]:
     ]
 
 
-class Guest:
+class SSHConnection:
     """One SSH connection to root@127.0.0.1:port."""
 
     def __init__(self, port: int, client_key: Path, known_hosts: Path,
@@ -122,13 +123,14 @@ class Guest:
     @property
     def client(self) -> paramiko.SSHClient:
         if self._client is None:
-            raise GuestError("not connected")
+            raise SSHError("not connected")
         return self._client
 
     def run(self, argv: list[str] | tuple[str, ...], timeout: float = 60.0,
             stdin: bytes | None = None) -> Result:
         """Run argv (quoted with shlex.join: never a shell string) and capture its output."""
         argv = tuple(str(a) for a in argv)
+        log.debug("ssh :%d %s", self.port, shlex.join(argv))
         chan = self.client.get_transport().open_session(timeout=timeout)  # type: ignore[union-attr]
         chan.settimeout(timeout)
         try:

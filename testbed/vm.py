@@ -1,5 +1,5 @@
 """One QEMU guest: process lifecycle (this module) over QMP protocol (QMPChannel) and SSH
-(testbed.guest). The command line itself comes from testbed.qemu_cmdline.
+(testbed.ssh). The command line itself comes from testbed.qemu_cmdline.
 
     with VM(VMConfig(name="t", kernel=..., initrd=..., root_disk=..., nvdimms=[...])) as vm:
         vm.start()
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -30,30 +30,45 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp import QMPError as _LibQMPError
 
 from testbed import accel as accel_mod
-from testbed.guest import Guest, GuestError, HostKeyMismatch, Result, SSHTimeout
 from testbed.nvdimm import create_backing
 from testbed.qemu_cmdline import (
     DEFAULT_APPEND,
+    QEMU_BINARY,
     ConfigError,
     QemuCommandLine,
     RunPaths,
     SerialPort,
     VMConfig,
 )
+from testbed.ssh import HostKeyMismatch, Result, SSHConnection, SSHError, SSHTimeout
+
+if TYPE_CHECKING:
+    from testbed.image import Image
 
 __all__ = [
     "DEFAULT_APPEND", "VM", "CommandFailed", "ConfigError", "QMPChannel", "QMPError", "RunPaths",
     "SerialPort", "VMConfig", "VMError", "VMLaunchError", "VMTimeout", "free_port",
 ]
 
-PR_SET_PDEATHSIG = 1
 QMP_TIMEOUT = 10.0
+
+log = logging.getLogger(__name__)
+
+
+def qemu_version(binary: str = QEMU_BINARY) -> str:
+    """First line of `qemu-system-x86_64 --version` (VMLaunchError when it cannot run)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise VMLaunchError(f"cannot run {binary} --version: {e} (run bin/bootstrap)") from e
+    return out.splitlines()[0] if out else "unknown"
 
 
 def _tail(path: Path, n: int) -> str:
@@ -162,19 +177,25 @@ class QMPChannel:
         return self._run(self._client.execute(cmd, args), timeout)
 
     def close(self) -> None:
+        """Disconnect, then cancel whatever still runs on the loop (a QEMU that died leaves the
+        client's tasks pending) so no task is left to be destroyed at garbage collection."""
         if self._loop.is_closed():
             return
         with contextlib.suppress(Exception):
             self._run(self._disconnect(), 5.0)
+        with contextlib.suppress(Exception):
+            self._run(_cancel_pending(), 5.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():
             self._loop.close()
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+async def _cancel_pending() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class VM:
@@ -189,14 +210,24 @@ class VM:
         self.client_key = client_key
         self.known_hosts = known_hosts
         self.daemonize = daemonize
-        self.binary = binary or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+        self.binary = binary or shutil.which(QEMU_BINARY) or QEMU_BINARY
         self.accel: str | None = None
         self.ssh_port: int | None = None
         self.argv: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp: QMPChannel | None = None
-        self._guest: Guest | None = None
+        self._ssh: SSHConnection | None = None
         self.launched_at: float | None = None
+
+    @classmethod
+    def from_image(cls, image: Image, name: str, state_dir: Path | None = None, *,
+                   daemonize: bool = False, **config: Any) -> VM:
+        """A VM booting `image` (kernel, initrd, root disk, keys); `config`: other VMConfig
+        fields (memory_mib, smp, accel, nvdimms, serial_ports, append)."""
+        return cls(VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
+                            root_disk=image.root_disk, **config),
+                   state_dir, client_key=image.client_key, known_hosts=image.known_hosts,
+                   daemonize=daemonize)
 
     # --- diagnostics ---
 
@@ -269,12 +300,15 @@ class VM:
         assert self.accel is not None
         self.argv = QemuCommandLine(self.config, self.paths, accel=self.accel,
                                     ssh_port=self.ssh_port, binary=self.binary).argv()
+        # Unless daemonized, setpriv gives QEMU a parent-death signal before it execs QEMU: if
+        # this process dies, even by SIGKILL, its QEMU dies too (no Python runs in the child).
+        wrapper = [] if self.daemonize else ["setpriv", "--pdeathsig", "KILL", "--"]
+        log.info("launching %s", shlex.join(self.argv))
         with open(self.paths.stderr_log, "wb") as err:
             try:
                 self.process = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                    wrapper + self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                     start_new_session=True,  # own process group: signals to ours miss it
-                    preexec_fn=None if self.daemonize else _set_pdeathsig,
                 )
             except OSError as e:
                 raise self._err(VMLaunchError, f"cannot execute QEMU: {e}") from e
@@ -303,18 +337,18 @@ class VM:
                                                f"(rc {self.process.returncode})") from e
             raise self._err(VMLaunchError, f"cannot connect QMP: {e!r}") from e
 
-    def guest(self) -> Guest:
+    def ssh(self) -> SSHConnection:
         if self.client_key is None or self.known_hosts is None or self.ssh_port is None:
             raise VMError("VM has no SSH keys/port configured")
-        if self._guest is None:
-            self._guest = Guest(self.ssh_port, self.client_key, self.known_hosts)
-        return self._guest
+        if self._ssh is None:
+            self._ssh = SSHConnection(self.ssh_port, self.client_key, self.known_hosts)
+        return self._ssh
 
     def wait_for_ssh(self, timeout: float = 60.0) -> float:
         """Block until SSH accepts our key; return seconds since launch. Fails fast if QEMU dies,
         and with the console tail on timeout (a guest that never boots)."""
         deadline = time.monotonic() + timeout
-        guest = self.guest()
+        guest = self.ssh()
         while True:
             if not self.is_running():
                 raise self._err(VMError, "QEMU exited while waiting for SSH")
@@ -323,12 +357,12 @@ class VM:
             try:
                 guest.wait_ready(min(deadline, time.monotonic() + 2.0))
                 return time.monotonic() - (self.launched_at or 0.0)
-            except GuestError as e:
+            except SSHError as e:
                 if isinstance(e, HostKeyMismatch):
                     raise
                 if time.monotonic() >= deadline:
                     raise self._err(VMTimeout, f"guest {self.config.name} not ssh-ready after "
-                                               f"{timeout:.0f} s") from e
+                                               f"{timeout:g} s") from e
 
     def qmp(self, cmd: str, args: dict[str, Any] | None = None, *,
             timeout: float = QMP_TIMEOUT, **kwargs: Any) -> Any:
@@ -336,6 +370,7 @@ class VM:
         if self._qmp is None:
             raise self._err(QMPError, "QMP not connected")
         merged = {**(args or {}), **kwargs} or None
+        log.debug("QMP %s %s", cmd, json.dumps(merged) if merged else "")
         try:
             return self._qmp.execute(cmd, merged, timeout)
         except TimeoutError as e:
@@ -343,12 +378,12 @@ class VM:
         except (_LibQMPError, OSError, EOFError) as e:
             raise self._err(QMPError, f"QMP {cmd} failed: {e}") from e
 
-    # --- guest commands (argv lists; quoted with shlex.join by testbed.guest) ---
+    # --- guest commands (argv lists; quoted with shlex.join by testbed.ssh) ---
 
     def execute(self, *argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> Result:
         try:
-            return self.guest().run(list(argv), timeout=timeout, stdin=stdin)
-        except GuestError as e:
+            return self.ssh().run(list(argv), timeout=timeout, stdin=stdin)
+        except SSHError as e:
             if isinstance(e, SSHTimeout):
                 raise self._err(VMTimeout, str(e)) from e
             raise
@@ -400,9 +435,9 @@ class VM:
         """Graceful: guest poweroff over SSH (sync, unmount), wait up to `timeout`, then QMP
         quit, then SIGKILL. Idempotent."""
         if self.is_running():
-            if self._guest is not None and self._guest._client is not None:
+            if self._ssh is not None and self._ssh._client is not None:
                 with contextlib.suppress(Exception):
-                    self._guest.run(["busybox", "poweroff"], timeout=5.0)
+                    self._ssh.run(["busybox", "poweroff"], timeout=5.0)
             self._drop_ssh()
             if not self._wait_exit(timeout):
                 with contextlib.suppress(QMPError):
@@ -437,8 +472,8 @@ class VM:
             return False
 
     def _drop_ssh(self) -> None:
-        if self._guest is not None:
-            self._guest.close()
+        if self._ssh is not None:
+            self._ssh.close()
 
     def _reap(self) -> None:
         if self._qmp is not None:

@@ -16,7 +16,8 @@ import pytest
 from tbagent import agent
 from tbagent.payload import ZERO, Decoded, WriteId, make_block
 
-from testbed.oracle import initial_state, judge, next_resume, read_events
+from testbed.events import read as read_events
+from testbed.oracle import initial_state, judge, next_resume
 
 SEED = 99
 MIX = {"read": 2.0, "write": 3.0, "zero": 1.0}

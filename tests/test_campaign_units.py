@@ -1,40 +1,58 @@
 """The campaign's host-side pieces that need no guest: staging the guest packages, reading the
-event stream incrementally, splitting it per round."""
+event stream incrementally, splitting it per round, a failure before any guest boots."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
-from testbed.campaign import _new_events, _save_events, _stage_guest_packages
+import pytest
+
+from testbed import campaign
+from testbed import image as image_mod
+from testbed.events import Tail, save_round
+from testbed.guest_agent import stage
 
 
 def test_staged_guest_packages_are_clean_and_hashed(tmp_path: Path) -> None:
-    staged, digest = _stage_guest_packages(tmp_path / "a")
+    staged, digest = stage(tmp_path / "a")
     files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert "btt8/core.py" in files and "tbagent/agent.py" in files
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
     assert (staged / "CONTENT_SHA256").read_text().strip() == digest
-    assert _stage_guest_packages(tmp_path / "b")[1] == digest  # same content, same hash
+    assert stage(tmp_path / "b")[1] == digest  # same content, same hash
 
 
 def test_new_events_returns_only_complete_new_lines(tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
-    boot = SimpleNamespace(events=events, events_read=0)
-    assert _new_events(boot) == []  # the guest has not written yet
+    tail = Tail(events)
+    assert tail.new() == []  # the guest has not written yet
     events.write_bytes(b'{"ev":"start","epoch":1}\n{"ev":"invoke","ep')
-    assert _new_events(boot) == [{"ev": "start", "epoch": 1}]
+    assert tail.new() == [{"ev": "start", "epoch": 1}]
     with open(events, "ab") as f:
         f.write(b'och":1}\n')
-    assert _new_events(boot) == [{"ev": "invoke", "epoch": 1}]
-    assert _new_events(boot) == []
+    assert tail.new() == [{"ev": "invoke", "epoch": 1}]
+    assert tail.new() == []
 
 
 def test_saved_events_keep_one_round_and_truncated_lines(tmp_path: Path) -> None:
     src = tmp_path / "all.jsonl"
     lines = [json.dumps({"ev": "ok", "epoch": e, "op": i}) for e, i in ((1, 0), (2, 0), (2, 1))]
     src.write_text("\n".join(lines) + '\n{"ev":"invoke","epo')
-    _save_events(src, 2, tmp_path / "round2.jsonl")
+    save_round(src, 2, tmp_path / "round2.jsonl")
     kept = (tmp_path / "round2.jsonl").read_text().splitlines()
     assert kept == [lines[1], lines[2], '{"ev":"invoke","epo']
+
+
+def test_image_build_failure_is_exit_2_with_the_phase(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    def no_space(**kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(image_mod, "build", no_space)
+    smoke = Path(__file__).resolve().parent.parent / "scenarios" / "smoke.yaml"
+    assert campaign.run(smoke, tmp_path / "results") == 2
+    (run,) = (tmp_path / "results").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["failure"] == "image: OSError: [Errno 28] No space left on device"

@@ -5,7 +5,7 @@ import shutil
 import paramiko
 
 from testbed import image
-from testbed.guest import pinned_key
+from testbed.ssh import pinned_key
 
 
 def test_recipe_hash_follows_content_and_mode(tmp_path):

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testbed.ndctl import device_path
 from testbed.nvdimm import (
     MiB,
     NvdimmError,
     NvdimmSpec,
     copy_crash_image,
     create_backing,
-    device_path,
     parse_size,
     round_region,
     validate,

@@ -11,11 +11,12 @@ import pytest
 from tbagent.payload import ZERO, Decoded, WriteId
 
 from testbed.oracle import judge
-from testbed.report import render_report
+from testbed.report import publish, render_report
 from testbed.results import (
     CRASH_IMAGE,
     EVENTS,
     RunResults,
+    describe_failure,
     exit_code,
     progress_line,
 )
@@ -67,6 +68,13 @@ def run(tmp_path: Path) -> RunResults:
     return RunResults.create(tmp_path / "results", scenario, SMOKE, manifest, run_id="r1")
 
 
+def finish(run: RunResults) -> int:
+    """What the orchestrator does at the end: finish, then render from the folder."""
+    code = run.finish()
+    publish(run.run_dir)
+    return code
+
+
 def record_three_cuts(run: RunResults, tmp_path: Path) -> None:
     image = tmp_path / "nvdimm.img"
     image.write_bytes(b"pmem" * 1024)
@@ -79,7 +87,7 @@ def record_three_cuts(run: RunResults, tmp_path: Path) -> None:
 
 def test_layout_summary_and_exit_code(run: RunResults, tmp_path: Path) -> None:
     record_three_cuts(run, tmp_path)
-    assert run.finish() == 1
+    assert finish(run) == 1
     d = run.run_dir
     assert d.name == "r1"
     assert (d / "scenario.yaml").read_text() == SMOKE.read_text()
@@ -103,7 +111,7 @@ def test_layout_summary_and_exit_code(run: RunResults, tmp_path: Path) -> None:
 
 def test_junit_parses_with_one_testcase_per_cut(run: RunResults, tmp_path: Path) -> None:
     record_three_cuts(run, tmp_path)
-    run.finish()
+    finish(run)
     suite = ET.parse(run.run_dir / "junit.xml").getroot()
     cases = suite.findall("testcase")
     assert [c.get("name") for c in cases] == ["cut-1", "cut-2", "cut-3"]
@@ -117,7 +125,7 @@ def test_report_is_self_contained_with_timelines_and_phase_plot(
     run: RunResults, tmp_path: Path
 ) -> None:
     record_three_cuts(run, tmp_path)
-    run.finish()
+    finish(run)
     html = (run.run_dir / "report.html").read_text()
     assert html.count("<svg") == 2 + 3  # phase totals, per-cut stacks, one timeline per cut
     assert 'id="cut-2"' in html and "lost-ack" in html
@@ -126,7 +134,7 @@ def test_report_is_self_contained_with_timelines_and_phase_plot(
 
 def test_render_report_rebuilds_from_files_alone(run: RunResults, tmp_path: Path) -> None:
     record_three_cuts(run, tmp_path)
-    run.finish()
+    finish(run)
     page = run.run_dir / "report.html"
     before = page.read_text()
     page.unlink()
@@ -139,6 +147,7 @@ def test_interrupted_run_keeps_finished_cuts(run: RunResults, tmp_path: Path) ->
     image.write_bytes(b"x")
     verdict = synthetic_cut(run.cut_dir(1), 0, lose_ack=False)
     run.record_cut(1, verdict, PHASES, crash_image=image)
+    publish(run.run_dir)
     # the process dies here: no finish()
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["cuts"] == 1 and summary["status"] == "running"
@@ -153,9 +162,9 @@ def test_testbed_failure_and_incomplete_runs_are_never_a_pass(
     verdict = synthetic_cut(run.cut_dir(1), 0, lose_ack=False)
     run.record_cut(1, verdict, PHASES)
     run.record_failure("guest did not reach ssh within 300 s")
-    assert run.finish() == 2
+    assert finish(run) == 2
     summary = json.loads((run.run_dir / "summary.json").read_text())
-    assert summary["status"] == "testbed-failure" and "ssh" in summary["failure"]
+    assert summary["status"] == "failed" and "ssh" in summary["failure"]
     suite = ET.parse(run.run_dir / "junit.xml").getroot()
     assert suite.get("errors") == "1"
 
@@ -163,14 +172,14 @@ def test_testbed_failure_and_incomplete_runs_are_never_a_pass(
 def test_clean_complete_run_exits_0(run: RunResults) -> None:
     for n in (1, 2, 3):
         run.record_cut(n, synthetic_cut(run.cut_dir(n), n - 1, lose_ack=False), PHASES)
-    assert run.finish() == 0
+    assert finish(run) == 0
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["violations"] == {} and summary["status"] == "passed"
 
 
 def test_short_run_without_failure_is_a_testbed_failure(run: RunResults) -> None:
     run.record_cut(1, synthetic_cut(run.cut_dir(1), 0, lose_ack=False), PHASES)
-    assert run.finish() == 2
+    assert finish(run) == 2
 
 
 def test_run_ids_never_collide(tmp_path: Path) -> None:
@@ -183,11 +192,42 @@ def test_run_ids_never_collide(tmp_path: Path) -> None:
 def test_exit_code_precedence() -> None:
     assert exit_code(0, False) == 0
     assert exit_code(3, False) == 1
-    assert exit_code(3, True) == 2
+    assert exit_code(3, True) == 1  # a violation found stays exit 1 whatever failed after it
     assert exit_code(0, True) == 2
+
+
+def test_a_violation_then_a_testbed_failure_is_exit_1(run: RunResults) -> None:
+    run.record_cut(1, synthetic_cut(run.cut_dir(1), 0, lose_ack=True), PHASES)
+    run.record_failure("cut 2 boot: VMTimeout: guest not ssh-ready after 300 s")
+    assert finish(run) == 1
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "violations" and "ssh-ready" in summary["failure"]
+
+
+def test_a_stop_on_a_verdict_is_not_an_incomplete_run(run: RunResults) -> None:
+    run.record_cut(1, synthetic_cut(run.cut_dir(1), 0, lose_ack=True), PHASES)
+    run.record_stop("campaign stopped after cut 1: the target is unrecoverable")
+    assert finish(run) == 1
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["failure"] is None and "unrecoverable" in summary["stopped"]
+
+
+def test_failure_is_one_line_with_the_details_kept_apart() -> None:
+    from testbed.vm import VMTimeout
+
+    error = VMTimeout("guest tb-x not ssh-ready after 5 s", argv=["qemu-system-x86_64", "-m", "1"],
+                      console_tail="[ 0.1] Linux version 6.1")
+    line, detail = describe_failure("cut 2 boot", error)
+    assert line == "cut 2 boot: VMTimeout: guest tb-x not ssh-ready after 5 s"
+    assert "Linux version" in detail and "qemu-system-x86_64 -m 1" in detail
+    assert describe_failure("setup", OSError(28, "No space left")) == (
+        "setup: OSError: [Errno 28] No space left", "")
 
 
 def test_progress_line() -> None:
     assert progress_line(3, 24, "recover", 247.9, 2) == (
         "cut 3/24  recover   elapsed 4m07s  violations 2"
+    )
+    assert progress_line(3, 24, "boot", 61, 0, eta_s=370.2) == (
+        "cut 3/24  boot      elapsed 1m01s  eta 6m10s  violations 0"
     )

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from testbed.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+from testbed.targets import make_target
 
 SCENARIOS = sorted((Path(__file__).parent.parent / "scenarios").glob("*.yaml"))
 
@@ -162,7 +163,9 @@ def test_cut_delays_are_seeded_and_inside_the_window() -> None:
 
 def test_workload_config_is_what_the_agent_takes() -> None:
     s = parse_scenario(VALID)
-    config = s.workload_config("/dev/dax0.0", "/dev/virtio-ports/tb.events", epoch=2)
+    target = make_target(s.target)
+    target.device = "/dev/dax0.0"
+    config = s.workload_config(target.agent_target(), "/dev/virtio-ports/tb.events", epoch=2)
     assert config == {
         "target": {"kind": "btt8", "path": "/dev/dax0.0", "bsize": 4096},
         "seed": 3,

@@ -5,7 +5,10 @@ prepare           {"target": T, "lbas": N}
 workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
                    "mix": {"read": w, "write": w, "zero": w}, "ops": n | "duration_s": s,
                    "resume": [first op index per thread] (default all 0), "events": PATH}
-                  -> {"ok": bool, "errors": [...]}; events stream to PATH as JSON lines
+                  -> {"ok": bool, "errors": [...]}; events stream to PATH as JSON lines:
+                  start; per op invoke then ok | fail (OSError) | died (any other exception,
+                  with the traceback); per thread end (it finished its ops or the duration);
+                  done
 recover-and-dump  {"target": T, "seed": S, "lbas": N}
                   -> {"ok": true, "checked": bool (btt8 read-only check ran), "nblock": n,
                       "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
@@ -20,7 +23,7 @@ config is unusable (a testbed bug).
 import json
 import sys
 
-from tbagent.agent import ConfigError, prepare, recover_and_dump, workload
+from tbagent.agent import TEST_FAULT, ConfigError, prepare, recover_and_dump, workload
 
 COMMANDS = {"prepare": prepare, "workload": workload, "recover-and-dump": recover_and_dump}
 
@@ -35,6 +38,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, KeyError, TypeError, json.JSONDecodeError) as e:
         print(f"tbagent {argv[0]}: bad config: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    if TEST_FAULT == "garbage-output" and argv[0] == "recover-and-dump":
+        print("Segmentation fault (test fault garbage-output)")
+        return 0
     print(json.dumps(result, separators=(",", ":")))
     return 0
 

@@ -12,11 +12,17 @@ import os
 import stat
 import threading
 import time
+import traceback
 from typing import Any, Protocol
 
 from tbagent.payload import WriteId, decode_block, make_block, op_at
 
 MIB = 1 << 20
+# Test-only faults (the host's test suite sets this in the agent's environment; no scenario key
+# or CLI flag reaches it): they make the target or the agent misbehave on purpose so the tests
+# can prove that the host turns each misbehaviour into the right verdict or failure.
+TEST_FAULT = os.environ.get("TBAGENT_TEST_FAULT", "")
+TRACEBACK_CHARS = 3000  # an event line stays well inside one write to the port
 
 
 class ConfigError(ValueError):
@@ -95,6 +101,41 @@ class DeviceTarget:
         os.close(self.fd)
 
 
+class RaisingTarget:
+    """Test fault `worker-raises`: the target raises a ValueError (not an OSError) on thread
+    0's 20th write, as BTT8 once did when a lane's cycle outgrew 64 bits."""
+
+    def __init__(self, inner: Target) -> None:
+        self.inner, self.nblock, self.writes = inner, inner.nblock, 0
+
+    def read(self, lba: int) -> bytes:
+        return self.inner.read(lba)
+
+    def write(self, lba: int, data: bytes) -> None:
+        if threading.current_thread().name == "tb-0":
+            self.writes += 1
+            if self.writes == 20:
+                raise ValueError("test fault worker-raises: int too big to convert")
+        self.inner.write(lba, data)
+
+    def zero(self, lba: int) -> None:
+        self.inner.zero(lba)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def scribble_superblock(path: str) -> None:
+    """Test fault `corrupt-target`: zero the BTT8 signature under the open pool, so the next
+    recovery finds the target corrupt."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 2 * MIB) as m:  # devdax maps in 2 MiB units; pools are >= 16 MiB
+            m[:8] = bytes(8)
+    finally:
+        os.close(fd)
+
+
 def open_target(target: dict[str, Any]) -> Target:
     kind, path, bsize = target["kind"], target["path"], target["bsize"]
     if kind == "btt8":
@@ -154,6 +195,10 @@ def workload(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"resume has {len(resume)} offsets for {threads} threads")
 
     dev = open_target(config["target"])
+    if TEST_FAULT == "worker-raises":
+        dev = RaisingTarget(dev)
+    elif TEST_FAULT == "corrupt-target":
+        scribble_superblock(config["target"]["path"])
     log = EventLog(config["events"])
     deadline = time.monotonic_ns() + int(duration_s * 1e9) if duration_s is not None else None
     errors: list[str] = []
@@ -178,11 +223,20 @@ def workload(config: dict[str, Any]) -> dict[str, Any]:
                 log.emit({"ev": "fail", "t": time.monotonic_ns(), **base, "error": str(e)})
                 errors.append(f"thread {thread} op {index}: {e}")
                 return
+            except Exception:
+                # Anything else the target raises is a bug in it: the host judges the round
+                # a `worker-died` violation with this traceback as the evidence.
+                tb = traceback.format_exc()[-TRACEBACK_CHARS:]
+                log.emit({"ev": "died", "t": time.monotonic_ns(), **base, "error": tb})
+                errors.append(f"thread {thread} op {index}: died")
+                return
             done = {"ev": "ok", "t": time.monotonic_ns(), **base}
             if observed is not None:
                 done["value"] = decode_block(observed, seed, lba).to_json()
             log.emit(done)
             index += 1
+        log.emit({"ev": "end", "t": time.monotonic_ns(), "epoch": epoch, "thread": thread,
+                  "op": index})
 
     log.emit(
         {
@@ -223,6 +277,8 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
     that is an `unrecoverable` verdict, not a testbed failure.
     """
     target, seed, lbas = config["target"], config["seed"], config["lbas"]
+    if TEST_FAULT == "hang-recovery":
+        time.sleep(24 * 3600)
     try:
         checked = target["kind"] == "btt8" and btt8_check(target["path"], target["bsize"])
         dev = open_target(target)

@@ -129,6 +129,6 @@ def test_guest_that_never_gets_ready_is_a_testbed_failure(image: object, tmp_pat
     code = campaign.run(scenario, tmp_path / "results")
     run = _only_run(tmp_path / "results")
     summary = json.loads((run / "summary.json").read_text())
-    assert (code, summary["status"], summary["cuts"]) == (2, "testbed-failure", 0)
+    assert (code, summary["status"], summary["cuts"]) == (2, "failed", 0)
     assert "not ssh-ready" in summary["failure"]
     assert not our_qemus("/testbed-run-"), "QEMU outlived a failed run"

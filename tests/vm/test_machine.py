@@ -11,8 +11,8 @@ import pytest
 from vmhelpers import MiB, pattern_argv
 
 from testbed import image as image_mod
-from testbed.guest import Guest, HostKeyMismatch
-from testbed.nvdimm import create_namespace, destroy_namespaces, init_labels, namespaces
+from testbed.ndctl import create_namespace, destroy_namespaces, init_labels, namespaces
+from testbed.ssh import HostKeyMismatch, SSHConnection
 from testbed.vm import VM, CommandFailed
 
 pytestmark = pytest.mark.vm
@@ -42,6 +42,7 @@ def test_each_namespace_mode_is_created_and_used(booted: VM, mode: str, prefix: 
 
 
 def test_labels_are_initialised_once(booted: VM):
+    init_labels(booted)  # whether or not an earlier test did it (the test runs alone too)
     assert init_labels(booted) is False
     assert all("uuid" in ns for ns in namespaces(booted))
 
@@ -75,7 +76,7 @@ def test_put_file_and_dir(booted: VM, tmp_path):
     (tmp_path / "d" / "sub" / "x.sh").write_text("#!/bin/sh\necho from-dir\n")
     (tmp_path / "d" / "sub" / "x.sh").chmod(0o755)
     (tmp_path / "f.txt").write_text("one file")
-    g = booted.guest()
+    g = booted.ssh()
     g.put_file(tmp_path / "f.txt", "/tmp/f.txt")
     g.put_dir(tmp_path / "d", "/tmp/d")
     assert booted.succeed("cat", "/tmp/f.txt") == "one file"
@@ -98,7 +99,7 @@ def test_qmp_answers_and_events_are_logged(booted: VM):
 
 def test_wrong_host_key_is_refused(booted: VM, tmp_path):
     image_mod.write_keys(tmp_path)  # a different, unrelated host key under the same alias
-    g = Guest(booted.ssh_port, booted.client_key, tmp_path / "known_hosts")  # type: ignore[arg-type]
+    g = SSHConnection(booted.ssh_port, booted.client_key, tmp_path / "known_hosts")  # type: ignore[arg-type]
     with pytest.raises(HostKeyMismatch):
         g.connect(timeout=10)
     assert g._client is None
@@ -106,7 +107,7 @@ def test_wrong_host_key_is_refused(booted: VM, tmp_path):
 
 def test_unknown_client_key_is_refused(booted: VM, tmp_path):
     image_mod.write_keys(tmp_path)
-    g = Guest(booted.ssh_port, tmp_path / "id_ed25519", booted.known_hosts)  # type: ignore[arg-type]
+    g = SSHConnection(booted.ssh_port, tmp_path / "id_ed25519", booted.known_hosts)  # type: ignore[arg-type]
     with pytest.raises(paramiko.AuthenticationException):
         g.connect(timeout=10)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from testbed.image import Image
 from testbed.nvdimm import NvdimmSpec
-from testbed.vm import VM, SerialPort, VMConfig
+from testbed.vm import VM, SerialPort
 
 MiB = 1 << 20
 
@@ -55,11 +55,9 @@ def our_qemus(marker: str) -> list[int]:
 def make_vm(img: Image, base: Path, name: str, *, nvdimm_mib: int = 0,
             ports: tuple[str, ...] = (), append: str | None = None) -> VM:
     kw = {"append": append} if append else {}
-    config = VMConfig(
-        name=name, kernel=img.kernel, initrd=img.initrd, root_disk=img.root_disk,
+    return VM.from_image(
+        img, name, base / name / "state",
         nvdimms=[NvdimmSpec(base / name / "nvdimm0.img", nvdimm_mib * MiB)] if nvdimm_mib else [],
         serial_ports=[SerialPort(p, base / name / f"{p}.port") for p in ports],
         **kw,
     )
-    return VM(config, base / name / "state", client_key=img.client_key,
-              known_hosts=img.known_hosts)

@@ -1,0 +1,191 @@
+"""Target drivers: what a campaign cuts the power under, one class per target.
+
+A driver knows its namespace (the ndctl mode, created on the first boot), its first-boot setup
+(a filesystem to make, ...), what every boot needs before the agent runs (the device to appear,
+a mount), the path the agent opens, the capacity it offers, the agent's `target` object, and
+the rules of its own scenario keys. The campaign only calls these verbs, so adding a target is
+a new class plus one `register` line.
+
+    target = make_target(spec)            # from the scenario's `target:` section
+    target.create_namespace(vm)           # first boot
+    target.setup(vm)                      # first boot, once the namespace exists
+    target.attach(vm)                     # every boot (also the first), before the agent runs
+    agent_config = target.agent_target()  # {"kind", "path", "bsize", ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from btt8.core import Btt8Error, Layout
+
+from testbed import ndctl
+
+if TYPE_CHECKING:
+    from testbed.vm import VM
+
+FSDAX_MOUNT = "/mnt/pmem"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The scenario's `target:` keys (which ones a kind accepts is its driver's business)."""
+
+    kind: str
+    bsize: int
+    namespace: str | None = None  # chooses among the drivers of one kind (btt8: devdax, fsdax)
+    pool_mib: int | None = None  # size of a BTT8 pool file
+
+
+class Target:
+    kind: ClassVar[str]
+    namespace: ClassVar[str | None] = None  # the `target.namespace` value selecting this driver
+    namespace_mode: ClassVar[str]  # ndctl mode of the namespace the target lives on
+    optional_keys: ClassVar[tuple[str, ...]] = ()  # scenario keys besides kind, bsize, namespace
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self.device: str | None = None  # /dev path of the namespace, known after the first boot
+
+    # --- the scenario ---
+
+    @classmethod
+    def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
+        """(key, message) for a rule of this target that `spec` breaks."""
+        return None
+
+    def capacity(self, region_bytes: int) -> int:
+        """Blocks of spec.bsize the target offers on a region of `region_bytes`."""
+        return region_bytes // self.spec.bsize
+
+    # --- the guest ---
+
+    def create_namespace(self, vm: VM) -> str:
+        self.device = ndctl.create_namespace(vm, self.namespace_mode)
+        return self.device
+
+    def setup(self, vm: VM) -> None:
+        """First boot, after create_namespace: whatever the target needs made once."""
+
+    def attach(self, vm: VM) -> None:
+        """Every boot: wait for the namespace's device (udev may lag the boot)."""
+        vm.wait_until_succeeds("test", "-e", self._device(), timeout=60)
+
+    @property
+    def path(self) -> str:
+        """What the agent opens: the device, or a file on it."""
+        return self._device()
+
+    def agent_target(self) -> dict[str, Any]:
+        """The agent's `target` object (tbagent's T)."""
+        return {"kind": self.kind, "path": self.path, "bsize": self.spec.bsize}
+
+    def _device(self) -> str:
+        if self.device is None:
+            raise RuntimeError(f"{type(self).__name__}: no namespace yet (create_namespace)")
+        return self.device
+
+
+class Btt8OnDevdax(Target):
+    """The BTT8 pool is a whole device-dax namespace (/dev/daxN.M), mmap'd by the agent."""
+
+    kind, namespace, namespace_mode = "btt8", "devdax", "devdax"
+
+    @classmethod
+    def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
+        if spec.bsize % 16:
+            return "bsize", f"btt8 blocks are a multiple of 16 bytes, got {spec.bsize}"
+        return None
+
+    def capacity(self, region_bytes: int) -> int:
+        try:
+            return Layout.for_pool(self.spec.bsize, region_bytes).nblocks
+        except Btt8Error:
+            return 0
+
+
+class Btt8PoolFile(Btt8OnDevdax):
+    """The BTT8 pool is a file of pool_mib on ext4 mounted with -o dax (fsdax namespace): no
+    page cache between the pool's mmap and the media."""
+
+    namespace, namespace_mode = "fsdax", "fsdax"
+    optional_keys = ("pool_mib",)
+
+    @classmethod
+    def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
+        if spec.pool_mib is None:
+            return "pool_mib", "required key is missing (fsdax pool file size)"
+        return super().check(spec)
+
+    def capacity(self, region_bytes: int) -> int:
+        assert self.spec.pool_mib is not None
+        return super().capacity(min(self.spec.pool_mib << 20, region_bytes))
+
+    def setup(self, vm: VM) -> None:
+        vm.succeed("mkfs.ext4", "-q", "-F", "-b", "4096", self._device(), timeout=120)
+
+    def attach(self, vm: VM) -> None:
+        super().attach(vm)
+        vm.succeed("mkdir", "-p", FSDAX_MOUNT)
+        vm.succeed("mount", "-o", "dax", self._device(), FSDAX_MOUNT, timeout=120)
+
+    @property
+    def path(self) -> str:
+        return f"{FSDAX_MOUNT}/pool.btt8"
+
+    def agent_target(self) -> dict[str, Any]:
+        return {**super().agent_target(), "pool_mib": self.spec.pool_mib}
+
+
+class KernelBtt(Target):
+    """The Linux BTT: a sector-mode namespace (/dev/pmemNs) whose sector is the block, a
+    known-good comparator. The agent uses O_DIRECT, so no page cache sits in between."""
+
+    kind, namespace_mode = "kernel-btt", "sector"
+    SECTOR_SIZES = (512, 4096)  # what the kernel BTT offers for 512 / 4096-byte logical blocks
+
+    @classmethod
+    def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
+        if spec.bsize not in cls.SECTOR_SIZES:
+            # A workload block bigger than one sector would legitimately tear.
+            return "bsize", f"kernel-btt sectors are 512 or 4096, got {spec.bsize}"
+        return None
+
+    def create_namespace(self, vm: VM) -> str:
+        self.device = ndctl.create_namespace(vm, self.namespace_mode,
+                                             sector_size=self.spec.bsize)
+        return self.device
+
+
+class RawPmem(Target):
+    """Raw /dev/pmemN (an fsdax namespace used as a plain block device, O_DIRECT): no
+    atomicity at all, the negative control that must tear."""
+
+    kind, namespace_mode = "raw-pmem", "fsdax"
+
+
+TARGETS: dict[str, dict[str | None, type[Target]]] = {}
+
+
+def register(cls: type[Target]) -> type[Target]:
+    TARGETS.setdefault(cls.kind, {})[cls.namespace] = cls
+    return cls
+
+
+for _cls in (Btt8OnDevdax, Btt8PoolFile, KernelBtt, RawPmem):
+    register(_cls)
+
+
+def namespaces_of(kind: str) -> tuple[str, ...]:
+    """The `target.namespace` choices of a kind; the first is the default. Empty: no choice."""
+    return tuple(ns for ns in TARGETS[kind] if ns is not None)
+
+
+def driver_class(kind: str, namespace: str | None) -> type[Target]:
+    choices = namespaces_of(kind)
+    return TARGETS[kind][namespace or (choices[0] if choices else None)]
+
+
+def make_target(spec: TargetSpec) -> Target:
+    return driver_class(spec.kind, spec.namespace)(spec)
