@@ -3,10 +3,10 @@
 Block layout (little-endian), HEADER_SIZE = 64 bytes, then the fill up to bsize:
     magic 8s | seed Q | lba Q | epoch I | thread I | op Q | bsize I | reserved I | checksum 16s
 The fill is a 4 KiB SHAKE-128 chunk keyed by (seed, lba, epoch, thread, op), repeated to the end
-of the block, so any block can be regenerated from the scenario seed. The checksum is BLAKE2b-128 over the
-header (checksum field excluded) and that chunk; the rest of the block must repeat the chunk
-exactly. A block that mixes bytes of two writes, or of a write and zeros, fails one of the two.
-Repeating one chunk rather than hashing the whole block keeps a 1 MiB write's payload cheap in
+of the block, so any block can be regenerated from the scenario seed. The checksum is BLAKE2b-128
+over the header (checksum field excluded) and that chunk; the rest of the block must repeat the
+chunk exactly. A block that mixes bytes of two writes, or of a write and zeros, fails one of the
+two. Repeating one chunk rather than hashing the whole block keeps a 1 MiB write's payload cheap in
 the guest (TCG Python spent ~29 ms generating it for a ~4 ms pwrite), so more of the workload's
 time is spent in the copy that a power cut can tear.
 
