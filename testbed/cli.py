@@ -54,14 +54,26 @@ def _parse_nvdimm(text: str) -> tuple[int, str | None]:
 # --- up / ssh / status / down ---
 
 
+def _bad_name(name: str) -> bool:
+    """Validate a guest name once, up front, before any path is made from it."""
+    try:
+        runtime.check_name(name)
+    except runtime.BadName as e:
+        _say(f"testbed: {e}")
+        return True
+    return False
+
+
 def _up(args: argparse.Namespace) -> int:
     name = args.name
+    if _bad_name(name):
+        return 2
     if runtime.qemu_pids(name):
         _say(f"testbed: guest {name} is already running (testbed down {name})")
         return 2
     t0 = time.monotonic()
     img = image_mod.build()
-    data = runtime.data_root() / name
+    data = runtime.data_dir(name)
     specs = [NvdimmSpec(data / f"nvdimm{i}.img", size) for i, (size, _) in enumerate(args.nvdimm)]
     for s in specs:
         _say(f"nvdimm: {s.backing} ({s.size >> 20} MiB region"
@@ -104,6 +116,8 @@ def _ssh_argv(st: runtime.GuestState) -> list[str]:
 
 
 def _ssh(args: argparse.Namespace) -> int:
+    if _bad_name(args.name):
+        return 2
     st = runtime.load(args.name)
     if st is None or not runtime.qemu_pids(args.name):
         _say(f"testbed: no running guest {args.name} (testbed up --name {args.name})")
@@ -155,13 +169,15 @@ def _down_one(name: str, force: bool) -> None:
         while time.monotonic() < end and runtime.qemu_pids(name):
             time.sleep(0.1)
     killed = runtime.kill_all(name)
-    shutil.rmtree(runtime.state_dir(name), ignore_errors=True)
+    runtime.remove_state_dir(name)
     _say(f"guest {name}: down" + (f" (killed {killed})" if killed else ""))
 
 
 def _down(args: argparse.Namespace) -> int:
-    if not args.all and not args.name:
+    if not args.all and args.name is None:
         _say("testbed down: give a guest name or --all")
+        return 2
+    if not args.all and _bad_name(args.name):
         return 2
     for name in runtime.names() if args.all else [args.name]:
         _down_one(name, args.force)

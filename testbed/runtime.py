@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from testbed.qemu_cmdline import NAME_RE
 
 
 def runtime_root() -> Path:
@@ -56,8 +59,49 @@ class GuestState:
     argv: list[str] = field(default_factory=list)
 
 
+class BadName(ValueError):
+    """A guest name that is not the identifier it becomes (QEMU -name, a directory name)."""
+
+
+def check_name(name: str) -> str:
+    """`name` unchanged if it is a valid guest name, else BadName. A name becomes QEMU's -name
+    and the directory <runtime>/<name>/ (and <data>/<name>/), so it must be one plain path
+    component: letters, digits, '_', '.', '-', starting with a letter or digit ('..', '.', '/'
+    and absolute paths cannot match)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BadName(f"bad guest name {name!r}: expected 1-63 letters, digits, '_', '.' or '-',"
+                      f" starting with a letter or digit")
+    return name
+
+
 def state_dir(name: str) -> Path:
-    return runtime_root() / name
+    return runtime_root() / check_name(name)
+
+
+def data_dir(name: str) -> Path:
+    """Where guest `name`'s NVDIMM backing files live."""
+    return data_root() / check_name(name)
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Does `path` (not following a final symlink) lie strictly inside `root`?"""
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(path.parent)
+    candidate = os.path.join(real_parent, path.name)
+    return os.path.commonpath([real_root, candidate]) == real_root and candidate != real_root
+
+
+def remove_state_dir(name: str) -> None:
+    """Delete <runtime>/<name>/ and nothing else: the name is checked, the path is proven to lie
+    inside the runtime folder, and a symlink there is unlinked, never followed."""
+    root = runtime_root()
+    path = state_dir(name)
+    if not inside(path, root):
+        raise BadName(f"refusing to delete {path}: not inside the runtime folder {root}")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save(state: GuestState) -> None:
@@ -75,8 +119,13 @@ def load(name: str) -> GuestState | None:
 
 
 def names() -> list[str]:
+    """Guests with a state folder: real directories whose name is a valid guest name (`down
+    --all` never touches anything else it finds there)."""
     root = runtime_root()
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if NAME_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def qemu_pids(name: str) -> list[int]:
