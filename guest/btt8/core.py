@@ -16,6 +16,7 @@ for a model checker to interleave without slowing the production path.
 from __future__ import annotations
 
 import errno
+import functools
 import operator
 import os
 import re
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import compress, repeat
 from types import TracebackType
+from typing import NamedTuple
 
 from .pmem import MappedPmem, Pmem
 
@@ -173,6 +175,9 @@ _NONZERO = bytes(1 if b else 0 for b in range(256))
 _BIT_LENGTH = bytes(b.bit_length() for b in range(256))
 _SHR = [bytes(b >> r for b in range(256)) for r in range(8)]
 _SHL = [bytes((b << r) & 0xFF for b in range(256)) for r in range(8)]
+_LOW4 = bytes(b & 0x0F for b in range(256))
+_LANE_HI_NONZERO = bytes(1 if b & 0x0F else 0 for b in range(256))
+_IS_ZERO = bytes([1]) + bytes(255)
 _BYTE = [bytes([b]) for b in range(256)]
 _BYTE_RE = [re.compile(re.escape(b)) for b in _BYTE]  # finditer of one byte value
 _MAX_ROUNDS = 16  # _tops_by_rounds gives up (and _tops_by_keys runs) after this many rounds
@@ -187,25 +192,30 @@ def _or_planes(planes: list[bytes]) -> bytes:
     return acc.to_bytes(len(planes[0]), "little")
 
 
-def _lane_counts(table: bytes, nblocks: int) -> list[int]:
+def _lane_counts(table: bytes, nblocks: int, zero_planes: tuple[int, ...] = ()) -> list[int]:
     """Per-lane maximum count (count = cycle >> 12, lane = cycle & 0xFFF) over all entries.
 
     Sorting every cycle costs O(n log n) Python-object compares (~0.4 s for 650k distinct
     cycles). Instead:
     1. Only the cycle byte planes up to the highest non-zero one are sliced out (a pool whose
-       counts stay below 2**20 needs planes 0-3). M = the largest count; s = bits to drop so
-       that coarse = count >> s fits in one byte. count >> s is monotone, so a lane's
-       max-count entry has the lane's top coarse value.
-    2. Each lane's top coarse value: _tops_by_rounds when every lane is below 256 (the lane is
-       then plane 0 alone; the usual case: writers take the lowest free lanes), else, or when
-       lanes' tops are too spread out for it, _tops_by_keys.
+       counts stay below 2**20 needs planes 0-3), and turned into big ints. M = the largest
+       count; s = bits to drop so that coarse = count >> s fits in one byte (shifts and masks
+       on the big ints, byte-wise). count >> s is monotone, so a lane's max-count entry has the
+       lane's top coarse value.
+    2. Each lane's top coarse value. When every lane is below 256 (the lane is then plane 0
+       alone; the usual case: writers take the lowest free lanes): _tops_at_top if all lanes
+       share the top value, else _tops_by_nibbles (up to 15 lanes), else _tops_by_rounds;
+       otherwise, or when none of these decides, _tops_by_keys.
     3. The exact count comes from the few candidate entries at a lane's top coarse value.
-    Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0."""
+    Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0.
+    zero_planes: cycle bytes (2-7) the caller already knows to be zero in every entry."""
     counts = [0] * NFREE
     zero = bytes(nblocks)
     plane1 = table[1::ENTRY_SIZE]
     count_planes = [plane1.translate(_COUNT_LO)]  # count bits only; lane bits come from below
     for k in range(7, 1, -1):
+        if k in zero_planes:  # the caller saw cycle byte k all zero
+            continue
         top_plane = table[k::ENTRY_SIZE]
         if top_plane != zero:
             count_planes += [table[j::ENTRY_SIZE] for j in range(2, k)] + [top_plane]
@@ -218,15 +228,42 @@ def _lane_counts(table: bytes, nblocks: int) -> list[int]:
     count_bits = 8 * high + top_bits - NFREE_SHIFT  # bit length of M
     shift = NFREE_SHIFT + max(0, count_bits - 8)  # coarse = cycle bits [shift, shift + 8)
     k, r = divmod(shift, 8)
-    coarse = count_planes[k - 1].translate(_SHR[r])
+    ints = [int.from_bytes(plane, "little") for plane in count_planes]
+    # byte-wise: coarse = plane k >> r | plane k+1 << (8 - r), masks keep bytes apart
+    coarse_int = ints[k - 1] >> r & _repeated(0xFF >> r, nblocks)
     if r and k < high:
-        coarse = _or_planes([coarse, count_planes[k].translate(_SHL[8 - r])])
-    has_count = (_or_planes(count_planes) if high > 1 else count_planes[0]).translate(_NONZERO)
-    lane_lo, lane_hi = table[0::ENTRY_SIZE], plane1.translate(_LANE_HI)
+        coarse_int |= ints[k] << (8 - r) & _repeated(0xFF << (8 - r) & 0xFF, nblocks)
+    coarse = coarse_int.to_bytes(nblocks, "little")
+    any_bit = 0
+    for value in ints:
+        any_bit |= value
+    any_bit |= any_bit >> 4  # fold each byte's bits into its lowest bit
+    any_bit |= any_bit >> 2
+    any_bit |= any_bit >> 1
+    has_count = any_bit & _repeated(1, nblocks)  # 1 per entry with count >= 1, as a big int
+    lane_lo = table[0::ENTRY_SIZE]
     cycles = memoryview(table).cast("Q")[0::2]
-    if lane_hi != zero or not _tops_by_rounds(cycles, lane_lo, coarse, has_count, counts):
-        _tops_by_keys(cycles, lane_lo, lane_hi, coarse, has_count, counts)
+    planes = _CyclePlanes(cycles, lane_lo, coarse, coarse_int, has_count)
+    if 1 not in plane1.translate(_LANE_HI_NONZERO) and (
+            _tops_at_top(planes, counts) or _tops_by_nibbles(planes, counts)
+            or _tops_by_rounds(planes, counts)):
+        return counts
+    _tops_by_keys(planes, plane1.translate(_LANE_HI), counts)
     return counts
+
+
+@functools.lru_cache(maxsize=8)
+def _repeated(byte: int, n: int) -> int:
+    """The big int whose n little-endian bytes are all `byte` (a mask for byte-wise ops)."""
+    return int.from_bytes(bytes([byte]) * n, "little")
+
+
+class _CyclePlanes(NamedTuple):
+    cycles: memoryview  # the cycle word of every entry
+    lane_lo: bytes  # lane bits 0-7 (plane 0)
+    coarse: bytes  # count >> s, one byte per entry
+    coarse_int: int  # the same as a big int
+    has_count: int  # 1 per entry whose count is >= 1, as a big int
 
 
 def _raise_to(counts: list[int], cycles: memoryview, positions: Iterator[int]) -> list[int]:
@@ -241,18 +278,47 @@ def _raise_to(counts: list[int], cycles: memoryview, positions: Iterator[int]) -
     return lanes
 
 
-def _tops_by_rounds(cycles: memoryview, lane_lo: bytes, coarse: bytes, has_count: bytes,
-                    counts: list[int]) -> bool:
+def _lanes_present(lane_lo: bytes) -> set[int]:
+    """The distinct bytes of plane 0: those of a sample, then whatever is left once they are
+    deleted (bytes.translate's delete: one C pass)."""
+    seen = set(lane_lo[::61])
+    rest = lane_lo.translate(None, bytes(seen))
+    return seen | set(rest) if rest else seen
+
+
+def _tops_at_top(planes: _CyclePlanes, counts: list[int]) -> bool:
+    """Lanes below 256 that all share the top coarse value t (every lane writing about as much,
+    e.g. one thread per lane): the candidates are the entries at t. False (undecided) when some
+    lane (other than lane 0 holding only fresh entries) has no entry at t."""
+    coarse, lane_lo = planes.coarse, planes.lane_lo
+    t = next((v for v in range(255, 0, -1) if _BYTE[v] in coarse), 0)
+    if not t:
+        return False
+    trial = counts[:]
+    found = set(_raise_to(trial, planes.cycles,
+                          (m.start() for m in _BYTE_RE[t].finditer(coarse))))
+    missing = _lanes_present(lane_lo) - found
+    if missing - {0}:
+        return False
+    if missing:  # lane 0 in plane 0 but not at t: fine if all its entries are fresh (count 0)
+        zero_lane = int.from_bytes(lane_lo.translate(_IS_ZERO), "little")
+        if zero_lane & planes.has_count:
+            return False
+    counts[:] = trial
+    return True
+
+
+def _tops_by_rounds(planes: _CyclePlanes, counts: list[int]) -> bool:
     """Lanes all below 256 (lane = plane 0). Round after round: t = the top coarse value among
     the entries (count >= 1) of lanes not yet resolved; every such lane with an entry at t has
     t as its own top, so its max-count entry is among the entries at t (a memchr-fast finditer).
     Those lanes are then masked out (one translate of plane 0) and the next round looks at the
     rest. Costs a few vector ops per distinct top value; False (undecided) if the tops are too
     spread out."""
+    cycles, lane_lo, coarse_int = planes.cycles, planes.lane_lo, planes.coarse_int
     n = len(lane_lo)
-    remaining = everyone = int.from_bytes(has_count, "little")  # 1 per entry with count >= 1
-    coarse_int = 0
-    masked = coarse  # coarse value of the remaining entries, 0 elsewhere
+    remaining = everyone = planes.has_count
+    masked = planes.coarse  # coarse value of the remaining entries, 0 elsewhere
     resolved = bytearray(256)  # translate table: lane byte -> 1 when the lane is resolved
     t = 256
     for _ in range(_MAX_ROUNDS):
@@ -271,26 +337,62 @@ def _tops_by_rounds(cycles: memoryview, lane_lo: bytes, coarse: bytes, has_count
         remaining = everyone & ~member
         if not remaining:
             return True
-        if not coarse_int:
-            coarse_int = int.from_bytes(coarse, "little")
         masked = (coarse_int & remaining * 0xFF).to_bytes(n, "little")
     return False
 
 
-def _tops_by_keys(cycles: memoryview, lane_lo: bytes, lane_hi: bytes, coarse: bytes,
-                  has_count: bytes, counts: list[int]) -> None:
+def _tops_by_nibbles(planes: _CyclePlanes, counts: list[int]) -> bool:
+    """Lanes all below 256 and at most 15 of them (False, undecided, otherwise), however far
+    apart their tops. Each lane gets an index 1-15 (translate of plane 0), and one byte per
+    entry carries (index, a nibble of coarse), 0 for entries with count 0:
+    1. key = index << 4 | coarse >> 4: memchr probes give each lane's top high nibble;
+    2. key = index << 4 | coarse & 15, kept only for entries at their lane's top high nibble
+       (a translate of the first key marks them): probes give the low nibble;
+    3. the entries whose key is their lane's top are the candidates (one more translate).
+    A dozen vector ops and at most 32 probes per lane, whatever the counts."""
+    lane_lo, coarse_int = planes.lane_lo, planes.coarse_int
+    lanes = sorted(_lanes_present(lane_lo) | {0})
+    if len(lanes) > 15:
+        return False
+    n = len(lane_lo)
+    index = bytearray(256)
+    for i, lane in enumerate(lanes, 1):
+        index[lane] = i << 4
+    lane_key = int.from_bytes(lane_lo.translate(index), "little")
+    low4 = _repeated(0x0F, n)
+
+    def tops(keys: bytes) -> bytes:
+        """Translate table: each lane's largest key present -> 0xFF, everything else -> 0."""
+        table = bytearray(256)
+        for i in range(1, len(lanes) + 1):
+            top = next((i << 4 | j for j in range(15, -1, -1) if _BYTE[i << 4 | j] in keys), 0)
+            table[top] = 0xFF * bool(top)
+        return bytes(table)
+
+    keep = planes.has_count * 0xFF  # 0xFF per entry with count >= 1
+    keys = ((lane_key | coarse_int >> 4 & low4) & keep).to_bytes(n, "little")
+    at_top = int.from_bytes(keys.translate(tops(keys)), "little")
+    keys = ((lane_key | coarse_int & low4) & at_top).to_bytes(n, "little")
+    final = keys.translate(tops(keys))
+    _raise_to(counts, planes.cycles, (m.start() for m in _BYTE_RE[0xFF].finditer(final)))
+    return True
+
+
+def _tops_by_keys(planes: _CyclePlanes, lane_hi: bytes, counts: list[int]) -> None:
     """General case. The set of distinct (lane, coarse) keys of the entries with count >= 1 is
     small (at most 256 per lane used), so set() over the key vector gives each lane's top
     coarse value t[lane]. The candidates are all entries with count >= 1 whose coarse is in
     V = {t[lane]} (one translate); they include every lane's max entry, plus only entries of
     lanes whose own top is higher. Worst case (hundreds of lanes with very different counts):
     candidates approach all entries and the final pass costs what a plain sort did."""
-    nblocks = len(lane_lo)
+    coarse = planes.coarse
+    nblocks = len(coarse)
+    has_count = planes.has_count.to_bytes(nblocks, "little")
     # key = coarse | lane << 8 | has_count << 24, one little-endian u32 per entry. coarse sits
     # in the low bits so that keys of one lane do not collide in the set's hash table.
     keys = bytearray(4 * nblocks)
     keys[0::4] = coarse
-    keys[1::4] = lane_lo
+    keys[1::4] = planes.lane_lo
     keys[2::4] = lane_hi
     keys[3::4] = has_count
     top: dict[int, int] = {}
@@ -300,7 +402,7 @@ def _tops_by_keys(cycles: memoryview, lane_lo: bytes, lane_hi: bytes, coarse: by
     wanted = set(top.values())
     in_top = coarse.translate(bytes(v in wanted for v in range(256)))
     candidates = _or_planes([in_top.translate(_SHL[1]), has_count])  # 3 = both
-    _raise_to(counts, cycles, (m.start() for m in re.finditer(b"\x03", candidates)))
+    _raise_to(counts, planes.cycles, (m.start() for m in re.finditer(b"\x03", candidates)))
 
 
 # Valid top bytes of a PBA word: flag bits only (ZERO 0x80, UNUSED 0x40); anything else is a
@@ -342,9 +444,13 @@ def _recover(table: bytes, lay: Layout,
     # Flags live in bits 62-63, i.e. the top byte of each PBA word; any other bit there means a
     # PBA >= 2**56, out of range for any pool. Bytes 4-6 of a PBA word are 0 in any pool of
     # fewer than 2**32 blocks, so the low 32 bits are the whole PBA.
+    # A step of 8 picks byte k of the cycle and byte k of the PBA word together: when bytes 4-6
+    # of both are all zero (three slices, the usual case) the cycle planes 4-6 need no look.
     top = table[15::ENTRY_SIZE]  # bytes step-slicing: far faster than a strided memoryview
+    zero2 = bytes(2 * nblocks)
+    cycle_zero = tuple(k for k in (4, 5, 6) if table[k::8] == zero2)
     if 1 in top.translate(_BAD_FLAG_BYTE) or tblocks > 1 << 32 or any(
-            table[k::ENTRY_SIZE] != zero for k in (12, 13, 14)):
+            table[k + 8::ENTRY_SIZE] != zero for k in (4, 5, 6) if k not in cycle_zero):
         raise CorruptionError(_describe_map_error(table, lay), path)
     pbas = memoryview(table).cast("I")[2::4]  # low halves of the PBA words, no copy
 
@@ -375,7 +481,7 @@ def _recover(table: bytes, lay: Layout,
         detail = _describe_map_error(table, lay)
         raise CorruptionError(f"found {len(free)} free blocks, expected {nfree}: {detail}",
                               path)
-    return free, _lane_counts(table, nblocks), top
+    return free, _lane_counts(table, nblocks, cycle_zero), top
 
 
 # ---------------------------------------------------------------------------------------------
