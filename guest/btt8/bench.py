@@ -15,19 +15,21 @@ from .pmemblk import PmemBlk
 
 
 def recovery(path: str, bsize: int, pool_mib: int, loops: int, out: TextIO, err: TextIO,
-             prewrite: int = 0, threads: int = 1, seed: int = 1) -> None:
+             prewrite: int = 0, threads: int = 1, seed: int = 1, span: int = 0) -> None:
     """Seed's recoveryperf: create when missing, then time `loops` close/open cycles.
 
     prewrite N fills a newly created pool with N random writes (LBAs from `seed`, split over
-    `threads` writer threads, each with its own lane), so the worst-case open of a well-used
-    pool is reproducible by one command."""
+    `threads` writer threads), so the worst-case open of a well-used pool is reproducible by
+    one command; span S draws those LBAs from 0..S-1 only (a workload's working set, as in the
+    crash campaigns: what the crash-state explorer opens)."""
     if not os.path.exists(path):
         with core.create(path, bsize, pool_mib << 20) as pool:
             if prewrite:
                 start = time.perf_counter()
-                _prewrite(pool, prewrite, threads, seed)
-                print(f"INFO: {prewrite} random writes from {threads} thread(s), seed {seed}: "
-                      f"{time.perf_counter() - start:.1f} s", file=err)
+                _prewrite(pool, prewrite, threads, seed, span)
+                where = f" on LBAs 0..{span - 1}" if span else ""
+                print(f"INFO: {prewrite} random writes{where} from {threads} thread(s), "
+                      f"seed {seed}: {time.perf_counter() - start:.1f} s", file=err)
         print(f"INFO: created {path}", file=err)
     pool = core.open(path, bsize)
     times = []
@@ -40,18 +42,21 @@ def recovery(path: str, bsize: int, pool_mib: int, loops: int, out: TextIO, err:
     pool.close()
     print(f"nblocks: {nblock}", file=out)
     if times:
-        print(f"min: {min(times) * 1e3:.1f} ms", file=out)
+        times.sort()
+        print(f"min: {times[0] * 1e3:.3f} ms", file=out)
+        print(f"median: {times[len(times) // 2] * 1e3:.3f} ms", file=out)
         print(f"open: {sum(times) / len(times) * 1e3:.1f} ms", file=out)
 
 
-def _prewrite(pool: core.Pool, nwrites: int, threads: int, seed: int) -> None:
-    """nwrites random writes, split over `threads` threads; thread i draws its LBAs from
-    Random(seed + i). With several threads the lanes each write lands on depend on scheduling,
-    but the LBA sequence of every thread, and so the mapping's shape, is reproducible."""
+def _prewrite(pool: core.Pool, nwrites: int, threads: int, seed: int, span: int = 0) -> None:
+    """nwrites random writes, split over `threads` threads; thread i draws its LBAs (below
+    span, if given) from Random(seed + i). With several threads the lanes each write lands on
+    depend on scheduling, but the LBA sequence of every thread, and so the mapping's shape, is
+    reproducible."""
     def run(i: int, n: int) -> None:
         rng = random.Random(seed + i)
         data = rng.randbytes(pool.bsize)
-        write, nblock = pool.write, pool.nblock
+        write, nblock = pool.write, min(span or pool.nblock, pool.nblock)
         for lba in [rng.randrange(nblock) for _ in range(n)]:
             write(lba, data)
     shares = [nwrites // threads + (i < nwrites % threads) for i in range(threads)]

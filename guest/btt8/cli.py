@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="when creating the pool, first do N random writes (worst-case open)")
     p.add_argument("--threads", type=int, default=1, help="writer threads for --prewrite")
     p.add_argument("--seed", type=int, default=1, help="seed of the --prewrite LBAs")
+    p.add_argument("--span", type=int, default=0, metavar="S",
+                   help="--prewrite LBAs from 0..S-1 only (a workload's working set)")
 
     p = b.add_parser("starve", help="one reader and N writers on LBA 0")
     p.add_argument("path")
@@ -108,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             pool.write(args.lba, data)
     elif args.bench == "recovery":
         bench.recovery(args.path, args.bsize, args.pool_mib, args.loops, sys.stdout, sys.stderr,
-                       args.prewrite, args.threads, args.seed)
+                       args.prewrite, args.threads, args.seed, args.span)
     elif args.bench == "starve":
         bench.starve(args.path, args.bsize, args.pool_mib, args.seconds, args.writers,
                      sys.stdout, sys.stderr)

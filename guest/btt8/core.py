@@ -408,11 +408,16 @@ def _tops_by_keys(planes: _CyclePlanes, lane_hi: bytes, counts: list[int]) -> No
 # Valid top bytes of a PBA word: flag bits only (ZERO 0x80, UNUSED 0x40); anything else is a
 # PBA >= 2**56, out of range for any pool.
 _BAD_FLAG_BYTE = bytes(0 if b in (0x00, 0x40, 0x80, 0xC0) else 1 for b in range(256))
-_INVERT = bytes(0 if b else 1 for b in range(256))
-# u32 little-endian words 0, 1, ..., _SCAN_CHUNK-1 and 1, 1, ..., 1, as big ints.
-_RAMP = int.from_bytes(array("I", range(_SCAN_CHUNK)).tobytes(), "little")
-_ONES = int.from_bytes(array("I", [1]) * _SCAN_CHUNK, "little")
 _MARKS = b"\x01" * _SCAN_CHUNK
+
+
+@functools.lru_cache(maxsize=4)
+def _ramp(chunk: int) -> tuple[int, int, memoryview]:
+    """u32 little-endian words 0, 1, ..., chunk-1 and 1, 1, ..., 1 as big ints, and chunk
+    zero u64 words."""
+    return (int.from_bytes(array("I", range(chunk)).tobytes(), "little"),
+            int.from_bytes(array("I", [1]) * chunk, "little"),
+            memoryview(bytes(8 * chunk)).cast("Q"))
 
 
 def _describe_map_error(table: bytes, lay: Layout) -> str:
@@ -456,16 +461,20 @@ def _recover(table: bytes, lay: Layout,
 
     used = bytearray(tblocks)
     # Runs of entries still at their initial PBA (i + nfree) are marked with one slice store;
-    # only the entries that moved pay for a per-entry (C-level) store. A chunk whose first and
-    # last entries are in place is compared with the expected words start+nfree+0, +1, ...,
-    # (one big int, _RAMP + base * _ONES: no nblocks-long array).
+    # only the entries that moved pay for a per-entry (C-level) store. Every write gives its
+    # entry a non-zero cycle, so only a chunk whose cycles are all 0 (an early-exit memoryview
+    # compare) can be such a run; it is then checked against the expected words
+    # start+nfree+0, +1, ... (one big int, ramp + base * ones: no nblocks-long array).
+    chunk = _SCAN_CHUNK if nblocks >= 64 * _SCAN_CHUNK else _SCAN_CHUNK // 4
+    ramp, ones, zeros = _ramp(chunk)
+    cycles = memoryview(table).cast("Q")[0::2]
     try:
-        for start in range(0, nblocks, _SCAN_CHUNK):
-            end = min(start + _SCAN_CHUNK, nblocks)
+        for start in range(0, nblocks, chunk):
+            end = min(start + chunk, nblocks)
             run = pbas[start:end]
-            if (run[0] == start + nfree and run[-1] == end - 1 + nfree
-                    and run == memoryview((_RAMP + (start + nfree) * _ONES).to_bytes(
-                        4 * _SCAN_CHUNK, "little")).cast("I")[:end - start]):
+            if (cycles[start:end] == zeros[:end - start] and run == memoryview(
+                    (ramp + (start + nfree) * ones).to_bytes(4 * chunk, "little")
+                    ).cast("I")[:end - start]):
                 used[start + nfree:end + nfree] = _MARKS[:end - start]
             else:
                 # C-level loop; operator.setitem is a fast builtin call (a bound
@@ -473,10 +482,7 @@ def _recover(table: bytes, lay: Layout,
                 deque(map(operator.setitem, repeat(used), run, repeat(1)), maxlen=0)
     except IndexError:
         raise CorruptionError(_describe_map_error(table, lay), path) from None
-    if tblocks < 64 * nfree:  # small pool: one C-level pass beats 4096 regex matches
-        free = list(compress(range(tblocks), used.translate(_INVERT)))
-    else:
-        free = [m.start() for m in _BYTE_RE[0].finditer(used)]
+    free = list(map(re.Match.start, _BYTE_RE[0].finditer(used)))
     if len(free) != nfree:
         detail = _describe_map_error(table, lay)
         raise CorruptionError(f"found {len(free)} free blocks, expected {nfree}: {detail}",

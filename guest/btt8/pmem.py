@@ -65,6 +65,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from itertools import repeat
 
 # Number of striped locks for the cas16 emulation: enough that 8-64 threads rarely collide.
 CAS_STRIPES = 256
@@ -126,7 +127,7 @@ class Pmem:
             mv = mv.toreadonly()
         self._mv = self.visible = mv
         self._q = self.visible_words = mv.cast("Q")
-        self._stripes: list[list[None]] = [[None] for _ in range(CAS_STRIPES)]
+        self._stripes: list[list[None]] = list(map(list, repeat((None,), CAS_STRIPES)))
         # C-level bound methods: calling them costs no Python frame on the hot path.
         self.load8: Callable[[int], int] = self._q.__getitem__
         self.store8: Callable[[int, int], None] = self._q.__setitem__
