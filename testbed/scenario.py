@@ -6,7 +6,11 @@ file, the line and the dotted key: `scenarios/x.yaml:12: workload.threads: expec
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from testbed.qemu_cmdline import NAME_RE
 from testbed.restart import RESTARTS
 from testbed.targets import TARGETS, TargetSpec, driver_class, make_target, namespaces_of
 
@@ -21,6 +26,58 @@ ACCELS = ("auto", "kvm", "tcg")
 ON_UNRECOVERABLE = ("stop", "reformat")
 MIN_NVDIMM_MIB = 16  # one region alignment unit
 MIB = 1 << 20
+
+# Safety limits of the loader: a scenario is a small hand-written file.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32  # nesting of mappings and lists; the schema itself needs 4
+# Sane upper bounds, fixed ones (host-derived ones: HostLimits).
+MAX_CUTS = 10_000  # a week of cuts at one a minute
+MAX_THREADS = 256
+MAX_OPS = 10_000_000  # per thread, per round
+MAX_ACKS = 10_000_000
+MAX_SECONDS = 86_400.0  # any duration or timeout: one day
+MAX_WEIGHT = 1e6  # mix weights; their sum must stay finite
+MAX_BSIZE = 16 * MIB
+MAX_LABEL_KIB = 16 * 1024
+MAX_NVDIMM_MIB = 1 << 20  # 1 TiB, whatever the disk says
+MAX_MEMORY_MIB = 1 << 20
+MAX_SMP = 255  # QEMU's pc machine
+MAX_TEXT = 4096
+SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
+MAPPING_TAG, SEQUENCE_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Upper bounds that depend on the machine the campaign runs on."""
+
+    cores: int
+    memory_mib: int
+    disk_free_mib: int  # where NVDIMM backing files and crash images go (the temp folder)
+
+    @classmethod
+    def probe(cls) -> HostLimits:
+        cores = os.cpu_count() or 1
+        try:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB
+        except (ValueError, OSError):
+            memory = MAX_MEMORY_MIB
+        try:
+            st = os.statvfs(tempfile.gettempdir())
+            disk = st.f_bavail * st.f_frsize // MIB
+        except OSError:
+            disk = MAX_NVDIMM_MIB
+        return cls(cores, memory, disk)
+
+    @property
+    def smp(self) -> int:
+        """vCPUs: this host's cores (2 at least: TCG runs 2 vCPUs fine on one core)."""
+        return min(MAX_SMP, max(2, self.cores))
+
+    @property
+    def nvdimm_mib(self) -> int:
+        """The backing file plus one crash image copy must fit the free disk."""
+        return min(MAX_NVDIMM_MIB, self.disk_free_mib // 2)
 
 
 class ScenarioError(ValueError):
@@ -69,7 +126,7 @@ class CutWhen:
 class CutsSpec:
     count: int
     when: CutWhen
-    mode: str = "quit"  # a restart strategy (testbed.restart.RESTARTS)
+    restart: str = "snapshot"  # a restart strategy (testbed.restart.RESTARTS)
     on_unrecoverable: str = "stop"  # or reformat the target and go on
 
 
@@ -134,25 +191,92 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, limits: HostLimits | None = None) -> Scenario:
+    """Read and validate a scenario file. Only a regular file of at most MAX_FILE_BYTES of
+    UTF-8 text is read (a FIFO or a device is refused without being opened for long)."""
     path = Path(path)
+    source = _printable(str(path))
     try:
-        text = path.read_text()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ScenarioError(f"{source}:1: (file): not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+                raise ScenarioError(f"{source}:1: (file): not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as e:
-        raise ScenarioError(f"{path}: cannot read: {e.strerror}") from e
-    return parse_scenario(text, str(path))
-
-
-def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
+        raise ScenarioError(f"{source}:1: (file): cannot read: {e.strerror}") from e
+    if len(data) > MAX_FILE_BYTES:
+        raise ScenarioError(f"{source}:1: (file): larger than {MAX_FILE_BYTES >> 10} KiB")
     try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ScenarioError(f"{source}:{line}: (file): not UTF-8 text "
+                            f"(byte {data[e.start]:#04x} at offset {e.start})") from e
+    return parse_scenario(text, source, limits)
+
+
+def parse_scenario(text: str, source: str = "<scenario>",
+                   limits: HostLimits | None = None) -> Scenario:
+    """Validate scenario text. Every problem is a ScenarioError of one line naming the source,
+    the line and the dotted key; no other exception escapes, whatever the text holds."""
+    try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ScenarioError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+        raise ScenarioError(f"{source}:{_yaml_error_line(e, text)}: (yaml): not valid YAML: "
+                            f"{_printable(_yaml_problem(e))}") from e
     if root is None:
         raise ScenarioError(f"{source}:1: (top): expected a mapping, got an empty document")
-    return _Validator(source).scenario(root)
+    return _Validator(source, limits or HostLimits.probe()).scenario(root)
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse deep nesting from the event stream (the parser keeps an explicit stack), before
+    the recursive composer could run out of stack."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else 1
+                raise ScenarioError(f"{source}:{line}: (yaml): nested deeper than {MAX_DEPTH} "
+                                    "levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError):
+        return ": ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
+    if isinstance(e, yaml.reader.ReaderError):
+        code = e.character if isinstance(e.character, int) else ord(e.character[:1] or "\0")
+        return f"unacceptable character #x{code:04x}"
+    return str(e) or type(e).__name__
+
+
+def _yaml_error_line(e: yaml.YAMLError, text: str) -> int:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        if mark is not None:
+            return mark.line + 1
+    if isinstance(e, yaml.reader.ReaderError):
+        return text.count("\n", 0, e.position) + 1
+    return 1
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """One line of printable text: control characters escaped, long text cut."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def _show(value: Any) -> str:
+    return _printable(repr(value), 80)
 
 
 Node = yaml.Node
@@ -160,11 +284,14 @@ _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 
 
 class _Validator:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, limits: HostLimits) -> None:
         self.source = source
+        self.limits = limits
 
     def fail(self, node: Node, key: str, message: str) -> ScenarioError:
-        return ScenarioError(f"{self.source}:{node.start_mark.line + 1}: {key}: {message}")
+        return ScenarioError(f"{self.source}:{node.start_mark.line + 1}: "
+                             f"{_printable(key or '(top)')}: "
+                             f"{_printable(message, 400)}")
 
     def mapping(
         self,
@@ -174,10 +301,13 @@ class _Validator:
         required: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Validate a mapping: every key known, required ones present; returns parsed values."""
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, yaml.MappingNode) or node.tag != MAPPING_TAG:
             raise self.fail(node, key, f"expected a mapping, got {_describe(node)}")
         values: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in SCALAR_TAGS:
+                raise self.fail(key_node, key,
+                                f"expected a plain key, got {_describe(key_node)}")
             name = key_node.value
             path = f"{key}.{name}" if key else name
             if name not in fields:
@@ -193,54 +323,78 @@ class _Validator:
         return values
 
     def scalar(self, node: Node, key: str, what: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in SCALAR_TAGS:
             raise self.fail(node, key, f"expected {what}, got {_describe(node)}")
-        return _CONSTRUCTOR.construct_object(node)
+        try:
+            return _CONSTRUCTOR.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+            # e.g. `!!int abc`, or an integer of more digits than Python converts
+            raise self.fail(node, key, f"expected {what}, got {_printable(node.value, 40)!r}"
+                                       f" ({type(e).__name__})") from e
 
-    def integer(self, minimum: int, maximum: int | None = None) -> Callable[[Node, str], int]:
-        what = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum else "")
+    def integer(self, minimum: int, maximum: int, why: str = "") -> Callable[[Node, str], int]:
+        what = f"an integer >= {minimum} and <= {maximum}{why}"
 
         def check(node: Node, key: str) -> int:
             value = self.scalar(node, key, what)
-            bad = not isinstance(value, int) or isinstance(value, bool) or value < minimum
-            if bad or (maximum is not None and value > maximum):
-                raise self.fail(node, key, f"expected {what}, got {value!r}")
+            bad = not isinstance(value, int) or isinstance(value, bool)
+            if bad or not minimum <= value <= maximum:
+                raise self.fail(node, key, f"expected {what}, got {_show(value)}")
             return value
 
         return check
 
-    def number(self, minimum: float, *, strict: bool = False) -> Callable[[Node, str], float]:
-        what = f"a number {'>' if strict else '>='} {minimum:g}"
+    def number(self, minimum: float, maximum: float, *,
+               strict: bool = False) -> Callable[[Node, str], float]:
+        what = f"a finite number {'>' if strict else '>='} {minimum:g} and <= {maximum:g}"
 
         def check(node: Node, key: str) -> float:
             value = self.scalar(node, key, what)
             ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok or value < minimum or (strict and value == minimum):
-                raise self.fail(node, key, f"expected {what}, got {value!r}")
-            return float(value)
+            if ok:
+                try:
+                    value = float(value)
+                except OverflowError:  # an integer beyond any float
+                    ok = False
+            if (not ok or not math.isfinite(value) or value < minimum
+                    or (strict and value == minimum) or value > maximum):
+                raise self.fail(node, key, f"expected {what}, got {_show(value)}")
+            return value
 
         return check
 
     def choice(self, options: tuple[str, ...]) -> Callable[[Node, str], str]:
         def check(node: Node, key: str) -> str:
             value = self.scalar(node, key, f"one of {', '.join(options)}")
-            if value not in options:
-                raise self.fail(node, key, f"expected one of {', '.join(options)}, got {value!r}")
+            if not isinstance(value, str) or value not in options:
+                raise self.fail(node, key,
+                                f"expected one of {', '.join(options)}, got {_show(value)}")
             return value
 
         return check
 
     def text(self, node: Node, key: str) -> str:
         value = self.scalar(node, key, "a string")
-        if not isinstance(value, str) or not value:
-            raise self.fail(node, key, f"expected a non-empty string, got {value!r}")
+        if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+            raise self.fail(node, key, f"expected a non-empty string of at most {MAX_TEXT} "
+                                       f"characters, got {_show(value)}")
+        return value
+
+    def name(self, node: Node, key: str) -> str:
+        """The name becomes part of QEMU's -name and of the run folder's name: it must be that
+        identifier already, checked here before anything is created."""
+        value = self.scalar(node, key, "a name")
+        if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+            raise self.fail(node, key, "expected a name of 1-63 letters, digits, '_', '.' or "
+                                       f"'-' starting with a letter or digit, got {_show(value)}")
         return value
 
     def window(self, node: Node, key: str) -> tuple[float, float]:
         what = "a list [lo, hi] of seconds with 0 <= lo <= hi"
-        if not isinstance(node, yaml.SequenceNode) or len(node.value) != 2:
+        if (not isinstance(node, yaml.SequenceNode) or node.tag != SEQUENCE_TAG
+                or len(node.value) != 2):
             raise self.fail(node, key, f"expected {what}, got {_describe(node)}")
-        lo, hi = (self.number(0.0)(item, key) for item in node.value)
+        lo, hi = (self.number(0.0, MAX_SECONDS)(item, key) for item in node.value)
         if lo > hi:
             raise self.fail(node, key, f"expected {what}, got [{lo:g}, {hi:g}]")
         return (lo, hi)
@@ -250,7 +404,7 @@ class _Validator:
             root,
             "",
             {
-                "name": self.text,
+                "name": self.name,
                 "description": self.text,
                 "seed": self.integer(0, 2**64 - 1),
                 "vm": self.vm,
@@ -270,8 +424,9 @@ class _Validator:
             node,
             key,
             {
-                "memory_mib": self.integer(128),
-                "smp": self.integer(1),
+                "memory_mib": self.integer(128, min(MAX_MEMORY_MIB, self.limits.memory_mib),
+                                           " (this host's memory)"),
+                "smp": self.integer(1, self.limits.smp, " (this host's cores)"),
                 "accel": self.choice(ACCELS),
                 "nvdimm": self.nvdimm,
             },
@@ -280,7 +435,10 @@ class _Validator:
 
     def nvdimm(self, node: Node, key: str) -> NvdimmSize:
         v = self.mapping(
-            node, key, {"size_mib": self.integer(MIN_NVDIMM_MIB), "label_kib": self.integer(128)}
+            node, key,
+            {"size_mib": self.integer(MIN_NVDIMM_MIB, max(MIN_NVDIMM_MIB, self.limits.nvdimm_mib),
+                                      " (half the free disk space of the temp folder)"),
+             "label_kib": self.integer(128, MAX_LABEL_KIB)},
         )
         size = v.get("size_mib")
         if size is not None and size % 16:
@@ -298,8 +456,8 @@ class _Validator:
             {
                 "kind": self.choice(tuple(TARGETS)),
                 "namespace": self.choice(all_namespaces),
-                "bsize": self.integer(512),
-                "pool_mib": self.integer(MIN_NVDIMM_MIB),
+                "bsize": self.integer(512, MAX_BSIZE),
+                "pool_mib": self.integer(MIN_NVDIMM_MIB, MAX_NVDIMM_MIB),
             },
             required=("kind", "bsize"),
         )
@@ -336,11 +494,11 @@ class _Validator:
             node,
             key,
             {
-                "threads": self.integer(1),
-                "lbas": self.integer(1),
+                "threads": self.integer(1, MAX_THREADS),
+                "lbas": self.integer(1, 1 << 32),  # and within the target's capacity
                 "mix": self.mix,
-                "ops": self.integer(1),
-                "duration_s": self.number(0.0, strict=True),
+                "ops": self.integer(1, MAX_OPS),
+                "duration_s": self.number(0.0, MAX_SECONDS, strict=True),
             },
             required=("threads", "lbas", "mix"),
         )
@@ -351,7 +509,7 @@ class _Validator:
         return WorkloadSpec(**v)
 
     def mix(self, node: Node, key: str) -> MixSpec:
-        weight = self.number(0.0)
+        weight = self.number(0.0, MAX_WEIGHT)
         v = self.mapping(node, key, {"read": weight, "write": weight, "zero": weight})
         if not any(v.values()):
             raise self.fail(node, key, "expected at least one positive weight of read, write, zero")
@@ -362,8 +520,8 @@ class _Validator:
             node,
             key,
             {
-                "count": self.integer(1),
-                "mode": self.choice(tuple(RESTARTS)),
+                "count": self.integer(1, MAX_CUTS),
+                "restart": self.choice(tuple(RESTARTS)),
                 "when": self.when,
                 "on_unrecoverable": self.choice(ON_UNRECOVERABLE),
             },
@@ -372,13 +530,14 @@ class _Validator:
         return CutsSpec(**v)
 
     def when(self, node: Node, key: str) -> CutWhen:
-        v = self.mapping(node, key, {"after_s": self.window, "after_acks": self.integer(1)})
+        v = self.mapping(node, key, {"after_s": self.window,
+                                     "after_acks": self.integer(1, MAX_ACKS)})
         if len(v) != 1:
             raise self.fail(node, key, "give exactly one of after_s: [lo, hi] or after_acks: N")
         return CutWhen(**v)
 
     def timeouts(self, node: Node, key: str) -> TimeoutsSpec:
-        positive = self.number(0.0, strict=True)
+        positive = self.number(0.0, MAX_SECONDS, strict=True)
         v = self.mapping(
             node, key, {"boot_s": positive, "workload_s": positive, "recover_s": positive}
         )
@@ -411,8 +570,11 @@ def _child(node: Node, name: str) -> Node:
 
 
 def _describe(node: Node) -> str:
+    standard = node.tag in SCALAR_TAGS or node.tag in (MAPPING_TAG, SEQUENCE_TAG)
+    shown = node.tag.replace("tag:yaml.org,2002:", "!!")
+    tag = "" if standard else f" tagged {_printable(shown, 60)}"
     if isinstance(node, yaml.MappingNode):
-        return "a mapping"
+        return "a mapping" + tag
     if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return repr(node.value)
+        return "a list" + tag
+    return _show(node.value) + tag

@@ -56,7 +56,7 @@ def test_defaults_fill_optional_sections() -> None:
     assert isinstance(s, Scenario)
     assert s.target.namespace == "devdax"
     assert s.vm.accel == "auto" and s.vm.nvdimm.size_mib % 16 == 0
-    assert s.cuts.mode == "quit"
+    assert s.cuts.restart == "snapshot"
     assert s.cuts.when.after_acks == 10 and s.cuts.when.after_s is None
     assert s.workload.mix.zero == 0.0
     assert s.timeouts.boot_s > 0
@@ -78,7 +78,9 @@ def test_unknown_top_level_key() -> None:
 
 def test_wrong_type_names_file_line_and_key() -> None:
     text = VALID.replace("threads: 2", "threads: four")
-    assert error_of(text) == ("x.yaml:7: workload.threads: expected an integer >= 1, got 'four'")
+    assert error_of(text) == (
+        "x.yaml:7: workload.threads: expected an integer >= 1 and <= 256, got 'four'"
+    )
 
 
 def test_bool_is_not_an_integer() -> None:
@@ -147,7 +149,7 @@ def test_target_options_are_checked_per_kind() -> None:
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
-    assert error_of("name: [unclosed\n").startswith("x.yaml:2: not valid YAML")
+    assert error_of("name: [unclosed\n").startswith("x.yaml:2: (yaml): not valid YAML")
     with pytest.raises(ScenarioError, match="cannot read"):
         load_scenario(tmp_path / "nope.yaml")
 
