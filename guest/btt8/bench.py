@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -129,6 +131,25 @@ def starve(path: str, bsize: int, pool_mib: int, seconds: float, writers: list[i
             if writes.count:
                 print(writes.row("W", nwriters), file=out)
             out.flush()
+
+
+def interpreter() -> dict[str, object]:
+    """Which Python ran the benchmark: the numbers depend on it (Debian's python3 is built
+    with profile-guided optimisation and LTO; a self-built one without them is slower)."""
+    exe = os.path.realpath(sys.executable)
+    # Debian's dpkg lists the files of each installed package: a two-line lookup, no process.
+    pkg = f"python{sys.version_info.major}.{sys.version_info.minor}-minimal"
+    try:
+        with open(f"/var/lib/dpkg/info/{pkg}.list") as f:
+            debian = exe in f.read().split()
+    except OSError:
+        debian = False
+    return {"executable": sys.executable, "realpath": exe,
+            "version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "build": " ".join(platform.python_build()), "compiler": platform.python_compiler(),
+            "debian_package": pkg if debian else None,
+            "pgo": "yes (Debian's build)" if debian else "unknown"}
 
 
 def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,

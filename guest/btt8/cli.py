@@ -122,11 +122,12 @@ def _run(args: argparse.Namespace) -> int:
             results["ratio"] = {
                 "write": round(mine["write_ops_per_s"] / theirs["write_ops_per_s"], 3),
                 "read": round(mine["read_ops_per_s"] / theirs["read_ops_per_s"], 3)}
+        report: dict[str, object] = {**results, "interpreter": bench.interpreter()}
         if args.json:
-            print(json.dumps(results))
+            print(json.dumps(report))
         else:
-            for name, row in results.items():
-                print(name, " ".join(f"{k}={v}" for k, v in row.items()))
+            for name, row in report.items():
+                print(name, " ".join(f"{k}={v}" for k, v in row.items()))  # type: ignore
     return 0
 
 
