@@ -541,6 +541,7 @@ class Pool:
         end = self._tt_word + 2 * lay.nblocks
         self._cycles = words[self._tt_word : end : 2]
         self._pbas = words[self._tt_word + 1 : end : 2]
+        self._swap_is_atomic = pmem.atomic_swap
         # Hot-path bindings of the persistence interface (one attribute load per call).
         self._load8 = pmem.load8
         self._visible = pmem.visible
@@ -650,8 +651,8 @@ class Pool:
         else:
             off = self._dataoff + (pba & PBA_MASK) * self.bsize
             memoryview(buf)[:] = self._visible[off : off + self.bsize]
-        # RcheckAtomicity (cycle and PBA: see _hot_paths)
-        return load8(word) == pre and load8(word + 1) == pba
+        # RcheckAtomicity (the PBA too unless swaps are atomic: see _hot_paths)
+        return load8(word) == pre and (self._swap_is_atomic or load8(word + 1) == pba)
 
     def _read_retry(self, word: int, buf: bytearray | memoryview) -> None:
         """Slow path after a failed RcheckAtomicity: retry; after HUNGRY_AFTER more failures the
@@ -727,6 +728,10 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     pop_lane, push_lane, home_lane = pool._free_lanes.pop, pool._free_lanes.append, pool._home_lane
     tt_byte = tt_word * 8
     block0 = dataoff // bsize  # dataoff is block aligned: PBA p starts at (p + block0) * bsize
+    atomic = pool._swap_is_atomic
+    # module constants as closure variables (a cell load is cheaper than a global lookup)
+    lane_mask, flag_unused, flag_zero, pba_mask, nfree = (
+        LANE_MASK, FLAG_UNUSED, FLAG_ZERO, PBA_MASK, NFREE)
 
     def read(lba: int) -> bytes:
         """The block's current content as bytes."""
@@ -738,22 +743,24 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
         # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
-        if lane_next[pre & LANE_MASK] == pre:
+        if lane_next[pre & lane_mask] == pre:
             persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock
-        if pba < FLAG_UNUSED:
+        if pba < flag_unused:
             off = (pba + block0) * bsize
             data = visible[off : off + bsize].tobytes()
-        elif pba & FLAG_ZERO:
+        elif pba & flag_zero:
             data = zero_block
         else:
-            off = dataoff + (pba & PBA_MASK) * bsize
+            off = dataoff + (pba & pba_mask) * bsize
             data = visible[off : off + bsize].tobytes()
-        # RcheckAtomicity. The emulated CAS stores the cycle before the PBA, so a reader can
-        # load the new cycle with the old PBA; that block is freed when the write completes and
-        # its lane's next write may refill it mid-copy while the cycle still matches. Re-checking
-        # the PBA too closes the window (real cmpxchg16b has no such intermediate state).
-        if cycles[lba] == pre and pbas[lba] == pba:
+        # RcheckAtomicity: the cycle is unchanged. A backend whose swap another thread may see
+        # half done (cycle stored, PBA not yet: atomic_swap False) lets a reader load the new
+        # cycle with the old PBA; that block is freed when the write completes and its lane's
+        # next write may refill it mid-copy while the cycle still matches, so the PBA is
+        # re-checked too. The built-in backends swap both halves in one C call under the GIL
+        # (what cmpxchg16b gives), and the cycle alone decides, as in the spec.
+        if cycles[lba] == pre and (atomic or pbas[lba] == pba):
             return data
         buf = bytearray(bsize)
         read_retry(tt_word + 2 * lba, buf)
@@ -770,20 +777,20 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         # RloadPBA
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping
-        if lane_next[pre & LANE_MASK] == pre:
+        if lane_next[pre & lane_mask] == pre:
             persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
         # first copy the source into a temporary bytearray)
-        if pba < FLAG_UNUSED:
+        if pba < flag_unused:
             off = (pba + block0) * bsize
             memoryview(buf)[:] = visible[off : off + bsize]
-        elif pba & FLAG_ZERO:
+        elif pba & flag_zero:
             memoryview(buf)[:] = zero_block
         else:
-            off = dataoff + (pba & PBA_MASK) * bsize
+            off = dataoff + (pba & pba_mask) * bsize
             memoryview(buf)[:] = visible[off : off + bsize]
-        # RcheckAtomicity (cycle and PBA: see read)
-        if cycles[lba] != pre or pbas[lba] != pba:
+        # RcheckAtomicity (the cycle; the PBA too unless swaps are atomic: see read)
+        if cycles[lba] != pre or not (atomic or pbas[lba] == pba):
             read_retry(tt_word + 2 * lba, buf)
 
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:
@@ -816,9 +823,9 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
             # aligned, so recovery sees the cycle that goes with the PBA)
             if swap_persist(tt_word + 2 * lba, oldcycle, oldpba, newcycle, newpba):
                 # WupdateCycle: the lane's count + 1 (its next cycle moves on by one count)
-                lane_next[lane] = newcycle + NFREE
+                lane_next[lane] = newcycle + nfree
                 # WputFreeBlock: the old block becomes this lane's free block
-                lane_free[lane] = oldpba & PBA_MASK
+                lane_free[lane] = oldpba & pba_mask
             # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
         finally:
             push_lane(lane)

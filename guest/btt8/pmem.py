@@ -24,6 +24,7 @@ path never runs a Python frame for them):
     store8(word, value)           aligned 8-byte store (one store)
     cas16(word, old_lo, old_hi, new_lo, new_hi) -> bool
                                   16-byte compare-and-swap of the entry at word (16-aligned)
+    atomic_swap                   True when no thread can see half of a cas16 (see below)
     swap_persist(word, old_lo, old_hi, new_lo, new_hi) -> bool
                                   cas16, then (if it swapped) persist the high half: BTT8's
                                   WswapMapping + WpersistMapping as one call. The base class
@@ -34,18 +35,20 @@ path never runs a Python frame for them):
     close()
 
 About cas16: Python has no cmpxchg16b. The emulation holds one of a set of striped mutexes keyed
-by the entry index (= LBA for the translation table), compares both halves, then stores the low
-half (the cycle) before the high half (the PBA), each an aligned 8-byte store (memoryview 'Q'
-item assignment is one memcpy of 8 bytes: one mov, atomic on media). A mutex is a one-item list:
-list.pop() takes it and list.append() gives it back, each a single C call and so atomic under the
-GIL (a threading.Lock costs four times as much here); a writer that finds it empty yields the GIL
-until the holder is done. Lock-free readers load the cycle before the PBA and
-re-check both afterwards: a reader that sees the new PBA has seen the new cycle or sees it at its
-re-check, and one that saw the new cycle with the old PBA (the state between the two stores, which
-a real cmpxchg16b never exposes) sees the PBA move at its re-check before trusting a copy of a
-block that the write has meanwhile freed. The swap takes effect, for readers, at the PBA store.
-Writers always go through cas16, so the emulation is correct across the threads of one process.
-Processes are kept apart by an exclusive flock taken at open.
+by the entry index (= LBA for the translation table), compares both halves, then stores both in
+ONE C call: struct.pack_into with the native "QQ" format, which memcpy's each half as one aligned
+8-byte store (one mov: atomic on media) - low half (the cycle) first, then the high half (the
+PBA). Other Python threads only run while holding the GIL, and pack_into never releases it, so no
+thread ever sees an entry with one half swapped (cmpxchg16b's guarantee, for this process;
+processes are kept apart by an exclusive flock taken at open). `atomic_swap` says so; it is False
+for a subclass that overrides cas16 (a test or tracing backend may split the stores), and then
+readers re-check the PBA as well as the cycle (see btt8.core). At a power cut the two halves are
+two 8-byte stores, like any 16-byte store on x86: either may be durable without the other, which
+recovery tolerates (it builds the map from the PBA halves; a cycle only raises its lane's count).
+A mutex is a one-item list: list.pop() takes it and list.append() gives it back, each a single C
+call and so atomic under the GIL (a threading.Lock costs four times as much here); a writer that
+finds it empty yields the GIL until the holder is done. The compare and the store are separate
+bytecodes, so writers do need the mutex; readers never take it.
 
 Persisting: when PMDK's libpmem.so.1 loads, ranges that are pmem (a devdax device, or
 pmem_is_pmem() true, which honours PMEM_IS_PMEM_FORCE=1) are persisted with pmem_persist /
@@ -63,12 +66,16 @@ import fcntl
 import mmap
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable
 from itertools import repeat
 
-# Number of striped locks for the cas16 emulation: enough that 8-64 threads rarely collide.
+# Number of striped mutexes for the cas16 emulation: enough that 8-64 threads rarely collide.
 CAS_STRIPES = 256
+# Native byte order and size: each field is packed with one memcpy of 8 bytes (an aligned mov),
+# never byte by byte (the standard-size "<QQ" packs bytes one at a time: a torn word on media).
+_PAIR = struct.Struct("QQ")
 DEVDAX_ALIGN = 2 << 20
 
 # ctypes passes a Python int without argtypes as a C int: sizes below this go the fast way.
@@ -155,11 +162,15 @@ class Pmem:
         try:
             if q[word] != old_lo or q[word + 1] != old_hi:
                 return False
-            q[word] = new_lo  # cycle first, PBA second: see the module docstring
-            q[word + 1] = new_hi
+            _PAIR.pack_into(self._mv, word * 8, new_lo, new_hi)  # one C call: module docstring
             return True
         finally:
             stripe.append(None)
+
+    @property
+    def atomic_swap(self) -> bool:
+        """cas16 stores both halves in one C call (no Python thread sees half a swap)."""
+        return type(self).cas16 is Pmem.cas16
 
     def swap_persist(self, word: int, old_lo: int, old_hi: int, new_lo: int,
                      new_hi: int) -> bool:
@@ -289,7 +300,7 @@ class MappedPmem(Pmem):
                     persist(off, n)
 
             if type(self).cas16 is Pmem.cas16:  # not overridden: fuse swap and persist
-                q, stripes = self._q, self._stripes
+                q, stripes, pack_pair = self._q, self._stripes, _PAIR.pack_into
 
                 def swap_persist(word: int, old_lo: int, old_hi: int, new_lo: int,
                                  new_hi: int) -> bool:
@@ -301,8 +312,7 @@ class MappedPmem(Pmem):
                     try:
                         if q[word] != old_lo or q[word + 1] != old_hi:
                             return False
-                        q[word] = new_lo  # cycle first, PBA second, as in cas16
-                        q[word + 1] = new_hi
+                        pack_pair(mv, word * 8, new_lo, new_hi)  # one C call, as in cas16
                     finally:
                         stripe.append(None)
                     fast_flush(byref(whole, word * 8 + 8), 8)  # type: ignore[arg-type]

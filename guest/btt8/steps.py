@@ -86,6 +86,7 @@ def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int
         else:
             pmem.load_into(pool._dataoff + (pba & PBA_MASK) * pool.bsize, buf)
         yield "RcheckAtomicity"
-        if pmem.load8(word) == pre and pmem.load8(word + 1) == pba:  # PBA too: see Pool.read
+        # the PBA too unless the backend's swaps are atomic: see Pool.read
+        if pmem.load8(word) == pre and (pool._swap_is_atomic or pmem.load8(word + 1) == pba):
             return retries
         retries += 1
