@@ -60,3 +60,27 @@ def test_bench_recovery_prewrite_fills_a_new_pool(tmp_path: Path) -> None:
     assert "300 random writes" in result.stderr
     summary = lib.check(pool)
     assert (summary["lanes_used"], summary["max_lane_count"]) == (1, 300)
+
+
+def test_bench_io_reports_the_interpreter(tmp_path: Path) -> None:
+    result = btt8("io", "--bsize", "4096", "--pool-mib", "32", "--ops", "100", "--json",
+                  "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)["interpreter"]
+    assert info["executable"] == sys.executable
+    assert info["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["pgo"] in ("unknown", "yes (Debian's build)")
+
+
+def test_bench_recovery_span_keeps_prewrites_in_a_working_set(tmp_path: Path) -> None:
+    import btt8 as lib
+
+    pool = str(tmp_path / "pool")
+    result = btt8("recovery", pool, "--bsize", "512", "--pool-mib", "16", "--loops", "2",
+                  "--prewrite", "200", "--span", "8")
+    assert result.returncode == 0, result.stderr
+    assert "200 random writes on LBAs 0..7" in result.stderr
+    assert re.fullmatch(r"median: \d+\.\d{3} ms", result.stdout.splitlines()[-2])
+    with lib.open(pool, readonly=True) as opened:
+        written = [lba for lba in range(opened.nblock) if opened.read(lba) != bytes(512)]
+    assert written and max(written) < 8

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import btt8
+import btt8.steps
 import pytest
 from btt8.core import ENTRY_SIZE, FLAG_ZERO, PBA_MASK, SIG, Pool
 from btt8.pmem import MemoryPmem, devdax_size
@@ -270,3 +271,104 @@ def test_file_backend_primitives(tmp_path: Path) -> None:
     assert data[5000:5005] == b"hello"
     assert data[80:96] == struct.pack("<QQ", 1, 2)
     assert os.path.getsize(path) == MIB
+
+
+LIBPMEM_SCRIPT = """
+import os, struct, sys
+os.environ["PMEM_IS_PMEM_FORCE"] = "1"  # libpmem reads it when it loads: flush-based persists
+import btt8
+from btt8.pmem import MappedPmem, libpmem
+if libpmem() is None:
+    print("no libpmem"); sys.exit(0)
+path = sys.argv[1]
+pmem = MappedPmem(path + ".raw", create_size=1 << 20)
+assert pmem.persist_mode == "libpmem", pmem.persist_mode
+pmem.store_persist(4096, b"x" * 512)                  # bytes: the C copy-and-persist
+pmem.store_persist(8192, bytearray(b"y" * 512))       # other buffers: store, then persist
+assert pmem.swap_persist(20, 0, 0, 7, 9) and not pmem.swap_persist(20, 0, 0, 1, 1)
+btt8.pmem._FAST_LEN = 1024  # sizes from 2**31 up go through the argtyped call: try it small
+pmem.persist(0, 4096)
+pmem.store_persist(12288, b"w" * 2048)
+btt8.pmem._FAST_LEN = 1 << 31
+pmem.close()
+with open(path + ".raw", "rb") as f:
+    data = f.read()
+assert data[4096:4608] == b"x" * 512 and data[8192:8704] == b"y" * 512
+assert data[12288:14336] == b"w" * 2048
+assert data[160:176] == struct.pack("<QQ", 7, 9)
+pool = btt8.create(path, 512, 16 << 20)
+pool.write(3, b"z" * 512)
+pool.close()
+for call in (lambda: pool.write(3, b"z" * 512), lambda: pool.read(3)):
+    try:
+        call()
+    except (ValueError, TypeError) as exc:  # a closed pool raises, never touches the unmapping
+        print(type(exc).__name__)
+with btt8.open(path) as pool:
+    assert pool.read(3) == b"z" * 512
+print("ok")
+"""
+
+
+def test_libpmem_backend_fast_calls_and_use_after_close(tmp_path: Path) -> None:
+    """The libpmem persist path (ctypes without argtypes through a PyDLL handle) writes what it
+    is given, falls back for big ranges and non-bytes data, and after close() raises instead of
+    writing through a dangling pointer (that segfaulted before)."""
+    proc = subprocess.run([sys.executable, "-c", LIBPMEM_SCRIPT, str(tmp_path / "pool")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    assert lines == ["no libpmem"] or lines[-1] == "ok" and len(lines) == 3
+
+
+class SplittingPmem(MemoryPmem):
+    def cas16(self, word: int, old_lo: int, old_hi: int, new_lo: int, new_hi: int) -> bool:
+        return super().cas16(word, old_lo, old_hi, new_lo, new_hi)
+
+
+def test_only_the_builtin_cas16_counts_as_an_atomic_swap() -> None:
+    assert MemoryPmem(16 * MIB).atomic_swap and DurablePmem(16 * MIB).atomic_swap
+    assert not SplittingPmem(16 * MIB).atomic_swap  # an override may split the stores
+    assert btt8.create_on(MemoryPmem(16 * MIB), 512)._swap_is_atomic
+    assert not btt8.create_on(SplittingPmem(16 * MIB), 512)._swap_is_atomic
+
+
+def test_cas16_stores_both_halves_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap is one struct.pack_into call (GIL held throughout), never two item stores a
+    thread switch could fall between; the fields are native 8-byte words (one mov each)."""
+    import btt8.pmem as pmem_module
+
+    calls: list[tuple[int, int, int]] = []
+    real = pmem_module._PAIR
+
+    class Spy:
+        size = real.size
+
+        @staticmethod
+        def pack_into(buf: memoryview, off: int, lo: int, hi: int) -> None:
+            calls.append((off, lo, hi))
+            real.pack_into(buf, off, lo, hi)
+
+    monkeypatch.setattr(pmem_module, "_PAIR", Spy)
+    pmem = MemoryPmem(MIB)
+    assert pmem.cas16(10, 0, 0, 5, 6)
+    assert calls == [(80, 5, 6)] and (pmem.load8(10), pmem.load8(11)) == (5, 6)
+    assert real.format == "QQ" and real.size == 16
+
+
+def test_one_writer_thread_uses_one_lane_and_writers_in_flight_get_their_own(
+        mem_pool: Pool) -> None:
+    for lba in range(50):
+        mem_pool.write(lba, block(lba))
+    counts = mem_pool.lane_state()[1]
+    assert sum(1 for c in counts if c) == 1 and max(counts) == 50
+    first = btt8.steps.write_steps(mem_pool, 1, block(1))
+    second = btt8.steps.write_steps(mem_pool, 2, block(2))
+    next(first), next(first), next(second), next(second)  # both past Wstart
+    lanes = set(range(btt8.NFREE)) - set(mem_pool._free_lanes)
+    assert len(lanes) == 2
+    for _ in first:
+        pass
+    for _ in second:
+        pass
+    assert len(mem_pool._free_lanes) == btt8.NFREE
