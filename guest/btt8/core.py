@@ -626,9 +626,16 @@ class Pool:
         while self._hungry[0]:
             time.sleep(0)
 
-    def _check_lba(self, lba: int) -> None:
-        if type(lba) is not int or not 0 <= lba < self.nblock:
+    def _check_lba(self, lba: object) -> int:
+        """lba as an int; EINVAL unless it is an integer (anything with __index__, as a list
+        index) in 0..nblock-1."""
+        try:
+            index = operator.index(lba)  # type: ignore[arg-type]
+        except TypeError:
+            index = -1
+        if not 0 <= index < self.nblock:
             raise _einval(f"LBA {lba!r} out of range 0..{self.nblock - 1}", self.path)
+        return index
 
     def _check_len(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) != self.bsize:
@@ -673,7 +680,7 @@ class Pool:
 
     def set_zero(self, lba: int) -> None:
         """Make the block read as zeros by mapping it with the ZERO flag (no data written)."""
-        self._check_lba(lba)
+        lba = self._check_lba(lba)
         self._wait_for_hungry_readers()
         # Wstart
         lane = self._acquire_lane()
@@ -701,7 +708,7 @@ class Pool:
     def _write_publish_before_data(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """TEST ONLY (see _fault_publish_before_data): the mapping is swapped and persisted
         before the data reaches the block, so a cut in between exposes garbage."""
-        self._check_lba(lba)
+        lba = self._check_lba(lba)
         self._check_len(data)
         self._wait_for_hungry_readers()
         lane = self._acquire_lane()
@@ -735,10 +742,13 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
 
     def read(lba: int) -> bytes:
         """The block's current content as bytes."""
-        if type(lba) is not int or not 0 <= lba < nblock:
+        # RloadPreCycle (the LBA is checked as in read_into)
+        try:
+            pre = cycles[lba]
+        except (IndexError, TypeError):
+            pre = check_lba(lba)  # raises EINVAL
+        if lba < 0:
             check_lba(lba)
-        # RloadPreCycle
-        pre = cycles[lba]
         # RloadPBA
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
@@ -768,27 +778,34 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
 
     def read_into(lba: int, buf: bytearray | memoryview) -> None:
         """Copy the block into a writable buffer of exactly bsize bytes (no allocation)."""
-        if type(lba) is not int or not 0 <= lba < nblock:
+        # RloadPreCycle. The table view checks the LBA as it indexes (IndexError past the end,
+        # TypeError for a non-integer): only a negative LBA needs a test of its own.
+        try:
+            pre = cycles[lba]
+        except (IndexError, TypeError):
+            pre = check_lba(lba)  # raises EINVAL
+        if lba < 0:
             check_lba(lba)
-        if len(buf) != bsize:
-            check_len(buf)
-        # RloadPreCycle
-        pre = cycles[lba]
         # RloadPBA
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping
         if lane_next[pre & lane_mask] == pre:
             persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
-        # first copy the source into a temporary bytearray)
-        if pba < flag_unused:
-            off = (pba + block0) * bsize
-            memoryview(buf)[:] = visible[off : off + bsize]
-        elif pba & flag_zero:
-            memoryview(buf)[:] = zero_block
-        else:
-            off = dataoff + (pba & pba_mask) * bsize
-            memoryview(buf)[:] = visible[off : off + bsize]
+        # first copy the source into a temporary bytearray). A buffer of the wrong size makes
+        # the assignment raise ValueError: that is the length check.
+        try:
+            if pba < flag_unused:
+                off = (pba + block0) * bsize
+                memoryview(buf)[:] = visible[off : off + bsize]
+            elif pba & flag_zero:
+                memoryview(buf)[:] = zero_block
+            else:
+                off = dataoff + (pba & pba_mask) * bsize
+                memoryview(buf)[:] = visible[off : off + bsize]
+        except ValueError:
+            check_len(buf)  # EINVAL if that was the cause
+            raise
         # RcheckAtomicity (the cycle; the PBA too unless swaps are atomic: see read)
         if cycles[lba] != pre or not (atomic or pbas[lba] == pba):
             read_retry(tt_word + 2 * lba, buf)
@@ -796,7 +813,7 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:
         """Atomically replace the block (bytes is the fastest argument type)."""
         if type(lba) is not int or not 0 <= lba < nblock:
-            check_lba(lba)
+            lba = check_lba(lba)
         if len(data) != bsize:
             check_len(data)
         if hungry[0]:

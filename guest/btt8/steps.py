@@ -28,7 +28,7 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
     """Pool.write (or Pool.set_zero when data is None) one step at a time. Several writers driven
     from one thread each get their own lane: each takes a lane off the free-lane stack (the
     first the thread's pinned lane, if any). Returns whether the swap happened."""
-    pool._check_lba(lba)
+    lba = pool._check_lba(lba)
     if data is not None:
         pool._check_len(data)
     pmem = pool._pmem
@@ -65,7 +65,7 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
 def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int]:
     """Pool.read_into one step at a time, retrying until RcheckAtomicity holds. Returns the
     number of retries (the hungry-reader hand-shake is the production path's business)."""
-    pool._check_lba(lba)
+    lba = pool._check_lba(lba)
     pool._check_len(buf)
     pmem = pool._pmem
     word = pool._tt_word + 2 * lba

@@ -372,3 +372,19 @@ def test_one_writer_thread_uses_one_lane_and_writers_in_flight_get_their_own(
     for _ in second:
         pass
     assert len(mem_pool._free_lanes) == btt8.NFREE
+
+
+def test_lba_may_be_any_integer_type(mem_pool: Pool) -> None:
+    """LBAs are checked as list indices are: anything with __index__ (numpy integers, bool)."""
+
+    class Index:
+        def __index__(self) -> int:
+            return 5
+
+    mem_pool.write(Index(), block(5))  # type: ignore[arg-type]
+    assert mem_pool.read(5) == block(5) == mem_pool.read(Index())  # type: ignore[arg-type]
+    buf = bytearray(512)
+    mem_pool.read_into(True, buf)
+    assert buf == mem_pool.read(1)
+    mem_pool.set_zero(Index())  # type: ignore[arg-type]
+    assert mem_pool.read(5) == bytes(512)
