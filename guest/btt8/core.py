@@ -745,10 +745,11 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         # RloadPreCycle (the LBA is checked as in read_into)
         try:
             pre = cycles[lba]
+            if lba < 0:
+                raise IndexError
         except (IndexError, TypeError):
-            pre = check_lba(lba)  # raises EINVAL
-        if lba < 0:
-            check_lba(lba)
+            lba = check_lba(lba)  # EINVAL, or an int for an integer-like LBA
+            pre = cycles[lba]
         # RloadPBA
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
@@ -782,10 +783,11 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         # TypeError for a non-integer): only a negative LBA needs a test of its own.
         try:
             pre = cycles[lba]
+            if lba < 0:
+                raise IndexError
         except (IndexError, TypeError):
-            pre = check_lba(lba)  # raises EINVAL
-        if lba < 0:
-            check_lba(lba)
+            lba = check_lba(lba)  # EINVAL, or an int for an integer-like LBA
+            pre = cycles[lba]
         # RloadPBA
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping
