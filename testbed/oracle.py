@@ -8,10 +8,17 @@ round is, given its initial values. Within a round each LBA is checked on its ow
 
 Per LBA the check is an exact search for a linearization (Wing & Gong with Lowe's memo of
 (linearized set, register value)). Ops are scanned in invocation order and only those invoked
-before the earliest pending completion are candidates, so the search visits at most
-O(ops x 2^concurrency) states: polynomial for a fixed thread count, and exact even though
-'zero' (initial value and every set_zero) is not a unique value, so it never reports a false
-violation on zero ambiguity.
+before the earliest pending completion are candidates; the linearized set is kept as a frontier
+plus the few pending ops below it, so a state costs O(concurrency) and the search visits at
+most O(ops x 2^concurrency) states: near-linear for a fixed thread count (BENCHMARKS.md), and
+exact even though 'zero' (initial value and every set_zero) is not a unique value, so it never
+reports a false violation on zero ambiguity. Real-time order includes program order: two ops of
+one thread never count as concurrent, even with equal timestamps.
+
+The record must be consistent: a result without its invoke, an op that is not its thread's
+deterministic op, overlapping ops of one thread, a malformed value raise HistoryError (a
+testbed failure, exit 2), never a silent skip. A failed recovery is `unrecoverable`, and the
+round's reads are still judged (against the updates, with no final read).
 
 Modelling:
 - A write or zero without a received `ok` (in flight at the cut, or its ack lost) is
@@ -36,7 +43,9 @@ from tbagent.payload import ZERO, Decoded, WriteId, op_at
 
 INF = float("inf")
 VIOLATION_KINDS = ("torn", "phantom", "lost-ack", "read-reverted", "unrecoverable",
-                   "worker-died")
+                   "worker-died",
+                   # judged by testbed.clients for the fio and ext4 clients
+                   "fio-verify", "fsck", "unmountable", "fsync-lost")
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,12 @@ def initial_state(recovery: dict[str, Any] | None) -> dict[int, Decoded]:
     return {int(lba): Decoded.from_json(v) for lba, v in recovery["blocks"].items()}
 
 
+class HistoryError(ValueError):
+    """The event stream contradicts itself (a result without its invoke, an op that is not the
+    thread's deterministic op, a malformed event or recovery dump): a testbed failure, never a
+    verdict on the target."""
+
+
 def judge(
     workload: dict[str, Any],
     events: Iterable[dict[str, Any]],
@@ -135,24 +150,47 @@ def judge(
     resume); events: what the host received from it; recovery: recover-and-dump's output;
     initial: the previous recovery's values (`initial_state`), None for a freshly prepared target;
     unseen_ops: how many ops per thread may have run without their invoke reaching the host.
+    Raises HistoryError when the events or the recovery dump are not a consistent record.
     """
     epoch = workload["epoch"]
     verdict = Verdict(epoch)
-    events = [e for e in events if e.get("epoch") == epoch]
+    events = [e for e in events if isinstance(e, dict) and e.get("epoch") == epoch]
     verdict.violations.extend(worker_deaths(workload["threads"], events))
-    if not recovery.get("ok"):
-        error = recovery.get("error", "recover-and-dump failed")
-        verdict.violations.append(Violation("unrecoverable", None, error))
-        return verdict
     history = _History(workload, events, unseen_ops)
     initial = initial or {}
+    recovered = bool(recovery.get("ok"))
+    if not recovered:
+        # No survivor to judge, but what the round's reads saw is still evidence.
+        error = str(recovery.get("error", "recover-and-dump failed"))
+        verdict.violations.append(Violation("unrecoverable", None, error))
+    blocks = recovery.get("blocks") if recovered else None
+    if recovered and not isinstance(blocks, dict):
+        raise HistoryError("recovery: ok without a `blocks` mapping")
     for lba in range(workload["lbas"]):
-        survivor = Decoded.from_json(recovery["blocks"][str(lba)])
+        survivor = None
+        if blocks is not None:
+            if str(lba) not in blocks:
+                raise HistoryError(f"recovery: no block for lba {lba}")
+            survivor = _decoded(blocks[str(lba)], f"recovery block of lba {lba}")
         violation = history.check_lba(lba, initial.get(lba, ZERO), survivor)
         if violation:
             verdict.violations.append(violation)
     verdict.stats = history.stats
     return verdict
+
+
+def _decoded(obj: Any, what: str) -> Decoded:
+    try:
+        value = Decoded.from_json(obj)
+        wid = value.write_id
+        if value.kind not in ("zero", "write", "torn", "phantom") or (
+            value.kind in ("write", "phantom")
+            and (wid is None or not all(isinstance(x, int) for x in wid))
+        ):
+            raise ValueError(value)
+        return value
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise HistoryError(f"{what}: not a block value: {obj!r:.200}") from e
 
 
 def worker_deaths(threads: int, events: list[dict[str, Any]]) -> list[Violation]:
@@ -173,6 +211,20 @@ def worker_deaths(threads: int, events: list[dict[str, Any]]) -> list[Violation]
     return found
 
 
+def _number(e: dict[str, Any], key: str) -> float:
+    value = e.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise HistoryError(f"event without a valid {key!r}: {e!r:.200}")
+    return value
+
+
+def _index(e: dict[str, Any], key: str) -> int:
+    value = e.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise HistoryError(f"event without a valid {key!r}: {e!r:.200}")
+    return value
+
+
 class _History:
     def __init__(
         self, workload: dict[str, Any], events: list[dict[str, Any]], unseen_ops: int
@@ -190,12 +242,33 @@ class _History:
         for e in events:
             ev = e.get("ev")
             if ev == "start":
-                start_t = e["t"]
+                start_t = _number(e, "t")
             elif ev in ("invoke", "ok", "fail"):
-                key = (e["thread"], e["op"])
-                (invokes if ev == "invoke" else results)[key] = e
-                last = self.last_seen.get(e["thread"], (-1, -INF))
-                self.last_seen[e["thread"]] = (max(last[0], e["op"]), max(last[1], e["t"]))
+                t, key = _number(e, "t"), (_index(e, "thread"), _index(e, "op"))
+                if key[0] >= threads:
+                    raise HistoryError(f"{ev} of thread {key[0]}, the round has {threads}")
+                if ev == "invoke":
+                    kind, lba = e.get("kind"), e.get("lba")
+                    if (kind, lba) != op_at(self.seed, key[0], key[1], self.lbas, self.mix):
+                        raise HistoryError(f"invoke of thread {key[0]} op {key[1]} is "
+                                           f"{kind} lba {lba}, not that op: {e!r:.200}")
+                    if key in invokes:
+                        raise HistoryError(f"thread {key[0]} op {key[1]} invoked twice")
+                    invokes[key] = e
+                else:
+                    inv = invokes.get(key)
+                    if inv is None:
+                        raise HistoryError(f"orphan result: {ev} of thread {key[0]} op {key[1]}"
+                                           " without its invoke before it")
+                    if key in results:
+                        raise HistoryError(f"thread {key[0]} op {key[1]} has two results")
+                    if t < inv["t"]:
+                        raise HistoryError(f"thread {key[0]} op {key[1]}: {ev} at {t} before "
+                                           f"its invoke at {inv['t']}")
+                    results[key] = e
+                last = self.last_seen.get(key[0], (-1, -INF))
+                self.last_seen[key[0]] = (max(last[0], key[1]), max(last[1], t))
+        self._check_program_order(invokes, results)
         self.start_t = start_t
         self._next_zero: list[dict[int, int]] | None = None  # per thread: lba -> unseen zero op
         self.by_lba: dict[int, list[Op]] = {}
@@ -208,9 +281,12 @@ class _History:
             kind, lba = inv["kind"], inv["lba"]
             end = ok["t"] if ok is not None else INF
             if kind == "read":
-                if ok is None or "value" not in ok:
+                if ok is None:
                     continue  # a read cut short observed nothing we know of
-                op = Op("read", Decoded.from_json(ok["value"]), inv["t"], end, *key)
+                if "value" not in ok:
+                    raise HistoryError(f"read thread {key[0]} op {key[1]}: ok without a value")
+                seen = _decoded(ok["value"], f"read thread {key[0]} op {key[1]}")
+                op = Op("read", seen, inv["t"], end, *key)
                 stats["reads"] += 1
             else:
                 wid = WriteId(self.epoch, *key)
@@ -222,8 +298,28 @@ class _History:
             self.by_lba.setdefault(lba, []).append(op)
         self.stats = stats
 
+    @staticmethod
+    def _check_program_order(invokes: dict[tuple[int, int], dict[str, Any]],
+                             results: dict[tuple[int, int], dict[str, Any]]) -> None:
+        """A thread runs its ops one after the other: each op is invoked no earlier than the
+        previous one's result, and an op without a result (cut short, failed) is its last."""
+        last: dict[int, tuple[int, float | None]] = {}  # thread -> (op, result time or None)
+        for thread, op in sorted(invokes):
+            if thread in last:
+                prev_op, prev_end = last[thread]
+                if prev_end is None:
+                    raise HistoryError(f"thread {thread} op {prev_op} has no result, yet the "
+                                       f"thread went on to op {op}")
+                if invokes[(thread, op)]["t"] < prev_end:
+                    raise HistoryError(f"thread {thread} op {op} invoked before op {prev_op} "
+                                       "returned")
+            res = results.get((thread, op))
+            last[thread] = (op, res["t"] if res is not None else None)
+
     def genuine(self, wid: WriteId, lba: int) -> bool:
         """Was write id `wid` ever a write to `lba` in this campaign's op sequences?"""
+        if min(wid) < 0:
+            return False
         kind, target = op_at(self.seed, wid.thread, wid.op, self.lbas, self.mix)
         return kind == "write" and target == lba and wid.epoch <= self.epoch
 
@@ -267,10 +363,8 @@ class _History:
                 found.append(Op("zero", ZERO, last_t, INF, thread, first[lba]))
         return found
 
-    def bad_value(self, lba: int, value: Decoded, initial: Decoded) -> str | None:
+    def bad_value(self, lba: int, value: Decoded) -> str | None:
         """'torn' or 'phantom' when `value` is no value this LBA could ever hold."""
-        if value == initial:
-            return None
         if value.kind == "torn":
             return "torn"
         if value.kind == "phantom":
@@ -280,15 +374,23 @@ class _History:
             return "phantom"
         return None
 
-    def check_lba(self, lba: int, initial: Decoded, survivor: Decoded) -> Violation | None:
+    def check_lba(self, lba: int, initial: Decoded,
+                  survivor: Decoded | None) -> Violation | None:
+        """One LBA's verdict; `survivor` None when recovery failed (only the reads are judged:
+        the round's updates and reads, with no final read)."""
         ops = list(self.by_lba.get(lba, []))
-        final = Op("recovered", survivor, INF, INF)
+        final = Op("recovered", survivor if survivor is not None else ANY, INF, INF)
         if survivor == ZERO:
             ops.extend(self.unreported_zeros(lba))
-        for op in [*ops, final]:
-            if op.kind not in ("read", "recovered"):
+        observations = [op for op in ops if op.kind == "read"]
+        if survivor is not None:
+            observations.append(final)
+        for op in observations:
+            if op.value == initial:
+                # The round's initial value: whatever it is, it was judged in the round whose
+                # recovery pinned it (a torn or phantom block is reported once, there).
                 continue
-            kind = self.bad_value(lba, op.value, initial)
+            kind = self.bad_value(lba, op.value)
             if kind is None:
                 wid = op.value.write_id
                 if wid is None or wid.epoch != self.epoch or wid in self.writes.get(lba, {}):
@@ -311,7 +413,7 @@ class _History:
     def _explain(self, lba: int, ops: list[Op], final: Op, initial: Decoded) -> Violation:
         """Name the violation: lost-ack if writes alone contradict the survivor, else the
         earliest-completing read whose observation cannot be reconciled."""
-        survivor = final.value
+        survivor = None if final.value is ANY else final.value
         updates = [op for op in ops if op.kind != "read"]
         if not linearizable([*updates, final], initial):
             # The survivor's producers all completed before some acked update began.
@@ -350,41 +452,85 @@ class _History:
         )
 
 
+ANY = Decoded("any")  # the value of a final read that matches whatever the register holds
+
+
 def linearizable(ops: list[Op], initial: Decoded) -> bool:
     """Is there a legal register order of `ops` consistent with real time?
 
-    Indeterminate ops (end INF) may be left out: the check succeeds once the final
-    'recovered' read (start INF) is linearized, whatever indeterminate ops remain.
+    Real time: `a` precedes `b` when a ended before b began (a.end < b.start) or both are ops of
+    one thread and a came first in it (equal timestamps of one thread are not concurrency).
+    Indeterminate ops (end INF) may be left out: the check succeeds once the final 'recovered'
+    read (start INF; value ANY matches anything) is linearized, whatever indeterminate ops
+    remain.
+
+    Search: depth-first over states (frontier, pending, value) with a memo (Lowe's cache): ops
+    sorted by invocation; every op below `frontier` is linearized except those in `pending`
+    (a sorted tuple), and none at or above it is. Candidates are the pending ops and the ops
+    from the frontier on that were invoked before the earliest end among the unlinearized
+    ones, so a state costs O(concurrency), not O(ops), however long an indeterminate op stays
+    pending. An indeterminate update whose value no read and no final read observes can never
+    be needed (dropping it from an order keeps the order legal), so it is left out up front:
+    a write that failed early no longer doubles the states.
     """
-    ops = sorted(ops, key=lambda op: op.start)
-    seen: set[tuple[int, Decoded]] = set()
-    stack = [(0, initial)]
+    observed = {op.value for op in ops if op.kind in ("read", "recovered")}
+    wildcard = ANY in observed
+    ops = [op for op in ops
+           if op.end != INF or op.kind in ("read", "recovered") or wildcard
+           or op.value in observed]
+    ops.sort(key=lambda op: (op.start, op.thread, op.op))
+    n = len(ops)
+    starts = [op.start for op in ops]
+    ends = [op.end for op in ops]
+    # Program order: the previous op of the same thread in this list (-1: none).
+    prev_of_thread: dict[int, int] = {}
+    prev = [-1] * n
+    for i, op in enumerate(ops):
+        if op.thread >= 0:
+            prev[i] = prev_of_thread.get(op.thread, -1)
+            prev_of_thread[op.thread] = i
+    seen: set[tuple[int, tuple[int, ...], Decoded]] = set()
+    stack: list[tuple[int, tuple[int, ...], Decoded]] = [(0, (), initial)]
     while stack:
-        done, value = stack.pop()
-        first = (~done & (done + 1)).bit_length() - 1  # lowest op not linearized yet
+        frontier, pending, value = stack.pop()
         horizon = INF
-        for i in range(first, len(ops)):
+        for p in pending:
+            horizon = min(horizon, ends[p])
+        limit = frontier
+        while limit < n and starts[limit] <= horizon:
+            horizon = min(horizon, ends[limit])
+            limit += 1
+        # Candidates: pending ops and ops in [frontier, limit) invoked by the horizon.
+        candidates = [p for p in pending if starts[p] <= horizon]
+        candidates += [i for i in range(frontier, limit) if starts[i] <= horizon]
+        for i in candidates:
             op = ops[i]
-            if op.start > horizon:
-                break  # invoked after a pending op completed: it cannot go next
-            if done >> i & 1:
-                continue
-            horizon = min(horizon, op.end)
-        for i in range(first, len(ops)):
-            op = ops[i]
-            if op.start > horizon:
-                break
-            if done >> i & 1:
-                continue
+            before = prev[i]
+            if before >= 0 and ends[before] != INF and not _done(before, frontier, pending):
+                continue  # the thread's previous op must take effect first
             if op.kind in ("read", "recovered"):
-                if op.value != value:
+                if op.value is not ANY and op.value != value:
                     continue
                 if op.kind == "recovered":
                     return True
-                nxt = (done | 1 << i, value)
+                new_value = value
             else:
-                nxt = (done | 1 << i, op.value)
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
+                new_value = op.value
+            if i < frontier:
+                rest: tuple[int, ...] = tuple(p for p in pending if p != i)
+                new_frontier = frontier
+            else:
+                rest = pending + tuple(range(frontier, i))
+                new_frontier = i + 1
+            if op.thread >= 0:
+                # Its thread's earlier indeterminate ops can no longer take effect.
+                rest = tuple(p for p in rest if not (ops[p].thread == op.thread and p < i))
+            state = (new_frontier, rest, new_value)
+            if state not in seen:
+                seen.add(state)
+                stack.append(state)
     return False
+
+
+def _done(i: int, frontier: int, pending: tuple[int, ...]) -> bool:
+    return i < frontier and i not in pending

@@ -256,9 +256,9 @@ def test_lost_ack_with_zero_op_finished_before_the_write() -> None:
 
 
 def test_read_reverted_in_flight_write_seen_then_gone() -> None:
-    h = History()
+    h = History(threads=3, resume=[0, 0, 0])
     w1 = h.write(0, 10, thread=0)
-    w2 = h.write(5, None, thread=1)
+    w2 = h.write(5, None, thread=2)
     h.read(20, 21, w2, thread=1)
     verdict = h.judge(w1)
     assert kinds(verdict) == ["read-reverted"]
@@ -266,9 +266,9 @@ def test_read_reverted_in_flight_write_seen_then_gone() -> None:
 
 
 def test_read_reverted_zero_seen_after_write_then_write_survives() -> None:
-    h = History()
+    h = History(threads=3, resume=[0, 0, 0])
     w = h.write(0, 10, thread=0)
-    h.zero(5, 20, thread=0)
+    h.zero(5, 20, thread=2)
     h.read(12, 13, ZERO, thread=1)
     assert kinds(h.judge(w)) == ["read-reverted"]
 
