@@ -34,6 +34,7 @@ from typing import Any
 from testbed import events as events_mod
 from testbed import image as image_mod
 from testbed import oracle
+from testbed.clients import make_client
 from testbed.guest_agent import Agent, Background, stage
 from testbed.nvdimm import MiB, NvdimmSpec
 from testbed.report import publish
@@ -49,7 +50,7 @@ from testbed.results import (
     write_json_atomic,
 )
 from testbed.scenario import Scenario, load_scenario
-from testbed.targets import make_target
+from testbed.targets import TargetUnrecoverable, make_target
 from testbed.vm import VM, SerialPort, qemu_version
 
 EVENTS_PORT = "tb.events"
@@ -93,6 +94,7 @@ class Campaign:
     def __post_init__(self) -> None:
         s = self.scenario
         self.target = make_target(s.target)
+        self.client = make_client(s.target.client)  # what drives the target, how it is judged
         self.restart = RESTARTS[s.cuts.mode]()
         self.resume = [0] * s.workload.threads  # next op index per thread, across rounds
         self.initial: dict[int, oracle.Decoded] = {}  # LBA values the last recovery pinned
@@ -174,6 +176,7 @@ class Campaign:
         with phases("workload"):
             runner = self.agent.start(machine.vm, "workload", config, s.timeouts.workload_s + 30)
             cut_at_s = self._wait_trigger(machine, cut, runner)
+            self.client.before_cut(machine, cut)
         with phases("cut"):
             self.restart.cut(machine, self.nvdimm.backing, crash_image)
             runner.join(10)
@@ -187,7 +190,7 @@ class Campaign:
             write_json_atomic(cut_dir / RECOVERY, recovery)
         with phases("judge"):
             events = events_mod.read(cut_dir / EVENTS)
-            verdict = oracle.judge(config, events, recovery, self.initial, unseen_ops=0)
+            verdict = self.client.judge(config, events, recovery, self.initial)
             self.resume = oracle.next_resume(events, config["resume"])
         results.record_cut(cut, verdict.to_json(), phases.seconds, crash_image=crash_image,
                            cut_at_s=cut_at_s)
@@ -272,11 +275,16 @@ class Campaign:
     def _recover(self, vm: VM) -> dict[str, Any]:
         """recover-and-dump: an open that fails is an `unrecoverable` verdict; one that hangs
         past recover_s raises VMTimeout, a testbed failure (a hung guest and a hung recovery
-        look alike from here, and neither is a pass)."""
-        self.target.attach(vm)
+        look alike from here, and neither is a pass). An attach that refuses the target
+        (TargetUnrecoverable) is an `unrecoverable` verdict too."""
+        try:
+            self.target.attach(vm)
+        except TargetUnrecoverable as e:
+            return {"ok": False, "error": f"attach: {e}"}
         self.agent.deploy(vm)
         s = self.scenario
-        config = {"target": self.target.agent_target(), "seed": s.seed, "lbas": s.workload.lbas}
+        config = {"target": self.target.agent_target(), "seed": s.seed, "lbas": s.workload.lbas,
+                  **self.client.recover_config()}
         return self.agent.run(vm, "recover-and-dump", config, s.timeouts.recover_s)
 
     def _wait_trigger(self, machine: Machine, cut: int, runner: Background) -> float:

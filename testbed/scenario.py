@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from testbed.clients import CLIENTS
 from testbed.qemu_cmdline import NAME_RE
 from testbed.restart import RESTARTS
 from testbed.targets import TARGETS, TargetSpec, driver_class, make_target, namespaces_of
@@ -458,6 +459,7 @@ class _Validator:
                 "namespace": self.choice(all_namespaces),
                 "bsize": self.integer(512, MAX_BSIZE),
                 "pool_mib": self.integer(MIN_NVDIMM_MIB, MAX_NVDIMM_MIB),
+                "client": self.choice(tuple(CLIENTS)),
             },
             required=("kind", "bsize"),
         )
@@ -475,7 +477,7 @@ class _Validator:
         if choices:
             v.setdefault("namespace", choices[0])
         driver = driver_class(kind, v.get("namespace"))
-        for name in ("pool_mib",):
+        for name in ("pool_mib", "client"):
             if name in v and name not in driver.optional_keys:
                 users = sorted({f"{c.kind}" + (f" on {c.namespace}" if c.namespace else "")
                                 for by_ns in TARGETS.values() for c in by_ns.values()

@@ -15,12 +15,16 @@ a new class plus one `register` line.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from btt8.core import Btt8Error, Layout
 
 from testbed import ndctl
+from testbed.guest_agent import GUEST_ROOT, Agent, stage
+from testbed.vm import CommandFailed
 
 if TYPE_CHECKING:
     from testbed.vm import VM
@@ -36,6 +40,12 @@ class TargetSpec:
     bsize: int
     namespace: str | None = None  # chooses among the drivers of one kind (btt8: devdax, fsdax)
     pool_mib: int | None = None  # size of a BTT8 pool file
+    client: str | None = None  # what drives a block-device target (testbed.clients); agent
+
+
+class TargetUnrecoverable(Exception):
+    """attach found the target unusable (a corrupt pool refused): after a cut that is an
+    `unrecoverable` verdict on the target, not a testbed failure."""
 
 
 class Target:
@@ -79,7 +89,10 @@ class Target:
 
     def agent_target(self) -> dict[str, Any]:
         """The agent's `target` object (tbagent's T)."""
-        return {"kind": self.kind, "path": self.path, "bsize": self.spec.bsize}
+        target = {"kind": self.kind, "path": self.path, "bsize": self.spec.bsize}
+        if self.spec.client and self.spec.client != "agent":
+            target["client"] = self.spec.client
+        return target
 
     def _device(self) -> str:
         if self.device is None:
@@ -143,6 +156,7 @@ class KernelBtt(Target):
     known-good comparator. The agent uses O_DIRECT, so no page cache sits in between."""
 
     kind, namespace_mode = "kernel-btt", "sector"
+    optional_keys = ("client",)
     SECTOR_SIZES = (512, 4096)  # what the kernel BTT offers for 512 / 4096-byte logical blocks
 
     @classmethod
@@ -163,6 +177,71 @@ class RawPmem(Target):
     atomicity at all, the negative control that must tear."""
 
     kind, namespace_mode = "raw-pmem", "fsdax"
+    optional_keys = ("client",)
+
+
+BTT8_BLK_NAME = "btt8a"
+BTT8CTL = ("env", f"PYTHONPATH={GUEST_ROOT}", "python3", "-m", "btt8.ctl")
+BTT8_BLK_SIZES = (512, 1024, 2048, 4096)  # the kernel NBD client's block sizes
+
+
+class Btt8Blk(Target):
+    """The BTT8 driver shim: `btt8ctl` formats the devdax namespace as a BTT8 pool once and,
+    every boot, attaches it as /dev/btt8a (nbdkit's Python plugin over the BTT8 core, the
+    kernel NBD client in front), a block device like the kernel BTT's. Clients use it with
+    O_DIRECT (agent, fio) or through ext4. An attach refused because the pool is corrupt is an
+    `unrecoverable` verdict (TargetUnrecoverable)."""
+
+    kind, namespace_mode = "btt8-blk", "devdax"
+    optional_keys = ("client",)
+
+    def __init__(self, spec: TargetSpec) -> None:
+        super().__init__(spec)
+        self._agent: Agent | None = None  # btt8ctl is deployed with the guest packages
+
+    @classmethod
+    def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
+        if spec.bsize not in BTT8_BLK_SIZES:
+            return "bsize", (f"btt8-blk blocks are what the kernel NBD client takes "
+                             f"({', '.join(map(str, BTT8_BLK_SIZES))}), got {spec.bsize}")
+        return None
+
+    def capacity(self, region_bytes: int) -> int:
+        try:
+            return Layout.for_pool(self.spec.bsize, region_bytes).nblocks
+        except Btt8Error:
+            return 0
+
+    def _deploy(self, vm: VM) -> None:
+        if self._agent is None:
+            self._staged = tempfile.TemporaryDirectory(prefix="testbed-btt8-blk-")
+            self._agent = Agent(*stage(Path(self._staged.name)))
+        self._agent.deploy(vm)
+
+    def setup(self, vm: VM) -> None:
+        self._deploy(vm)
+        vm.succeed(*BTT8CTL, "format", self._device(), "--bsize", str(self.spec.bsize),
+                   "--force", timeout=300)
+
+    def attach(self, vm: VM) -> None:
+        super().attach(vm)
+        self._deploy(vm)
+        r = vm.execute(*BTT8CTL, "attach", self._device(), "--name", BTT8_BLK_NAME,
+                       timeout=600)
+        if r.rc == 1:  # btt8ctl: not an attachable pool (checked read-only, nothing written)
+            raise TargetUnrecoverable(r.stderr.strip())
+        if r.rc:
+            raise CommandFailed("btt8ctl attach failed", r)
+
+    def detach(self, vm: VM) -> None:
+        vm.succeed(*BTT8CTL, "detach", BTT8_BLK_NAME, timeout=300)
+        base = getattr(super(), "detach", None)  # the namespace's own detach, if any
+        if base is not None:
+            base(vm)
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{BTT8_BLK_NAME}"
 
 
 TARGETS: dict[str, dict[str | None, type[Target]]] = {}
@@ -173,7 +252,7 @@ def register(cls: type[Target]) -> type[Target]:
     return cls
 
 
-for _cls in (Btt8OnDevdax, Btt8PoolFile, KernelBtt, RawPmem):
+for _cls in (Btt8OnDevdax, Btt8PoolFile, KernelBtt, RawPmem, Btt8Blk):
     register(_cls)
 
 

@@ -100,7 +100,8 @@ def test_missing_top_level_section() -> None:
 def test_bad_enum_value() -> None:
     text = VALID.replace("kind: btt8", "kind: ext4")
     assert error_of(text).startswith(
-        "x.yaml:4: target.kind: expected one of btt8, kernel-btt, raw-pmem, got 'ext4'"
+        "x.yaml:4: target.kind: expected one of btt8, kernel-btt, raw-pmem, btt8-blk, "
+        "got 'ext4'"
     )
 
 

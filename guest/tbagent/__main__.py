@@ -12,8 +12,10 @@ workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
 recover-and-dump  {"target": T, "seed": S, "lbas": N}
                   -> {"ok": true, "checked": bool (btt8 read-only check ran), "nblock": n,
                       "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
-T = {"kind": "btt8" | "kernel-btt" | "raw-pmem", "path": str, "bsize": int,
-     "pool_mib": int (prepare of a btt8 pool file only)}
+T = {"kind": "btt8" | "kernel-btt" | "raw-pmem" | "btt8-blk", "path": str, "bsize": int,
+     "pool_mib": int (prepare of a btt8 pool file only),
+     "client": "fio" | "ext4" (block devices; absent: this agent's workload; the three commands
+               then run tbagent.clients, whose docstring has their configs and results)}
 VALUE = {"kind": "zero"} | {"kind": "write", "write_id": [epoch, thread, op]}
       | {"kind": "torn", "digest": hex} | {"kind": "phantom", "write_id": [...], "lba": other}
 Exit status: 0 when the JSON result was printed (its "ok" carries the outcome), 2 when the

@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Protocol
 
+from tbagent import clients
 from tbagent.payload import WriteId, decode_block, make_block, op_at
 
 MIB = 1 << 20
@@ -140,7 +141,7 @@ def open_target(target: dict[str, Any]) -> Target:
     kind, path, bsize = target["kind"], target["path"], target["bsize"]
     if kind == "btt8":
         return PoolTarget(path, bsize)
-    if kind in ("raw-pmem", "kernel-btt"):
+    if kind in ("raw-pmem", "kernel-btt", "btt8-blk"):
         return DeviceTarget(path, bsize)
     raise ConfigError(f"unknown target kind {kind!r}")
 
@@ -148,6 +149,8 @@ def open_target(target: dict[str, Any]) -> Target:
 def prepare(config: dict[str, Any]) -> dict[str, Any]:
     """Format the target so every LBA of the working set starts as 'zero'."""
     target, lbas = config["target"], config["lbas"]
+    if target.get("client", "agent") != "agent":  # fio, ext4: tbagent.clients
+        return clients.prepare(config)
     if target["kind"] == "btt8":
         import btt8
 
@@ -185,6 +188,12 @@ class EventLog:
 
 def workload(config: dict[str, Any]) -> dict[str, Any]:
     """Run the per-thread deterministic op sequences until exhausted, the deadline, or the cut."""
+    if config["target"].get("client", "agent") != "agent":  # fio, ext4: tbagent.clients
+        client_log = EventLog(config["events"])
+        try:
+            return clients.WORKLOADS[config["target"]["client"]](config, client_log)
+        finally:
+            client_log.close()
     seed, epoch, threads = config["seed"], config["epoch"], config["threads"]
     lbas, mix, bsize = config["lbas"], config["mix"], config["target"]["bsize"]
     ops, duration_s = config.get("ops"), config.get("duration_s")
@@ -279,6 +288,11 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
     target, seed, lbas = config["target"], config["seed"], config["lbas"]
     if TEST_FAULT == "hang-recovery":
         time.sleep(24 * 3600)
+    if target.get("client", "agent") != "agent":  # fio verify, e2fsck + files: tbagent.clients
+        try:
+            return clients.RECOVERS[target["client"]](config)
+        except Exception as e:
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     try:
         checked = target["kind"] == "btt8" and btt8_check(target["path"], target["bsize"])
         dev = open_target(target)
