@@ -291,20 +291,20 @@ class MappedPmem(Pmem):
                     flush(base + off, n)
 
             def store_persist(off: int, data: bytes | bytearray | memoryview) -> None:
-                n = len(data)
-                if type(data) is bytes and n < _FAST_LEN:
+                if type(data) is bytes and len(data) < _FAST_LEN:
                     # bytes go to C as a pointer to their buffer: no copy, no conversion
-                    fast_copy(byref(whole, off), data, n)  # type: ignore[arg-type]
+                    fast_copy(byref(whole, off), data, len(data))  # type: ignore[arg-type]
                 else:
-                    mv[off : off + n] = data
-                    persist(off, n)
+                    mv[off : off + len(data)] = data
+                    persist(off, len(data))
 
             if type(self).cas16 is Pmem.cas16:  # not overridden: fuse swap and persist
                 q, stripes, pack_pair = self._q, self._stripes, _PAIR.pack_into
+                mask = CAS_STRIPES - 1
 
                 def swap_persist(word: int, old_lo: int, old_hi: int, new_lo: int,
                                  new_hi: int) -> bool:
-                    stripe = stripes[(word >> 1) & (CAS_STRIPES - 1)]
+                    stripe = stripes[word >> 1 & mask]
                     try:
                         stripe.pop()
                     except IndexError:
@@ -312,10 +312,11 @@ class MappedPmem(Pmem):
                     try:
                         if q[word] != old_lo or q[word + 1] != old_hi:
                             return False
-                        pack_pair(mv, word * 8, new_lo, new_hi)  # one C call, as in cas16
+                        off = word << 3
+                        pack_pair(mv, off, new_lo, new_hi)  # one C call, as in cas16
                     finally:
                         stripe.append(None)
-                    fast_flush(byref(whole, word * 8 + 8), 8)  # type: ignore[arg-type]
+                    fast_flush(byref(whole, off + 8), 8)  # type: ignore[arg-type]
                     return True
 
                 self.swap_persist = swap_persist  # type: ignore[method-assign]
