@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["libpmemblk"])
     p.add_argument("--dir", default="/dev/shm", help="where the temporary pools live")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--read-buffer", choices=["memoryview", "bytearray"], default="memoryview",
+                   help="what BTT8's read_into gets: a view of the buffer made once (as "
+                        "libpmemblk gets its address once), or the bytearray itself")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -116,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
                      sys.stdout, sys.stderr)
     else:
         results = bench.io(args.bsize, args.pool_mib, args.ops, args.compare, args.dir,
-                           args.seed)
+                           args.seed, args.read_buffer)
         if "libpmemblk" in results:
             mine, theirs = results["btt8"], results["libpmemblk"]
             results["ratio"] = {

@@ -84,3 +84,11 @@ def test_bench_recovery_span_keeps_prewrites_in_a_working_set(tmp_path: Path) ->
     with lib.open(pool, readonly=True) as opened:
         written = [lba for lba in range(opened.nblock) if opened.read(lba) != bytes(512)]
     assert written and max(written) < 8
+
+
+def test_bench_io_read_buffer_choices(tmp_path: Path) -> None:
+    for choice in ("memoryview", "bytearray"):
+        result = btt8("io", "--bsize", "512", "--pool-mib", "16", "--ops", "50", "--json",
+                      "--read-buffer", choice, "--dir", str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["btt8"]["read_ops_per_s"] > 0
