@@ -301,8 +301,12 @@ def _report(args: argparse.Namespace) -> int:
     if not (run_dir / "summary.json").is_file():
         _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
         return 2
-    publish(run_dir)
+    problems = publish(run_dir)
     print(run_dir / "report.html")
+    if problems:
+        more = f" (+{len(problems) - 1} more, listed in report.html)" if len(problems) > 1 else ""
+        _say(f"testbed: {run_dir} is damaged: {problems[0]}{more}")
+        return 2
     return 0
 
 

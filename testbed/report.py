@@ -1,12 +1,22 @@
 """junit.xml and report.html, rebuilt from a run folder's files alone (`testbed report RUN_DIR`).
 
-The page is self-contained: inline CSS and SVG, no scripts, no external assets.
+The page is self-contained: inline CSS and SVG, no scripts, no external assets. Every value
+from the folder (including what the guest wrote into the event stream) is escaped.
+
+The folder is read, never trusted: a summary.json, manifest.json or verdict.json that is
+missing where expected, not JSON, or not the shape the testbed writes is a *problem*: listed in
+a red box at the top of the page and as JUnit errors, and `testbed report` exits 2. Nothing is
+silently rendered around.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -17,51 +27,241 @@ from testbed.results import EVENTS, VERDICT, write_bytes_atomic, write_text_atom
 KIND_COLOURS = {"write": "#3b82c4", "zero": "#9aa5b1", "read": "#4caf6e"}
 PHASE_COLOURS = ["#3b82c4", "#e0a030", "#4caf6e", "#b05cc4", "#d9534f", "#5bc0de", "#8d6e63"]
 TIMELINE_OPS = 160  # the last ops before the cut: where the interesting overlaps are
+STATUSES = ("running", "passed", "violations", "failed")
+CUT_DIR = re.compile(r"cut-(\d{1,9})")
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    summary = _read_json(run_dir / "summary.json") or {}
-    manifest = _read_json(run_dir / "manifest.json") or {}
-    cuts = [v for p in run_dir.glob(f"cut-*/{VERDICT}") if (v := _read_json(p))]
-    return summary, manifest, sorted(cuts, key=lambda c: c["cut"])
+@dataclass
+class RunFolder:
+    """What a run folder holds, checked: `problems` lists what is missing or corrupt (one line
+    each); `summary` keeps only the fields that are valid; `cuts` only valid verdicts, and
+    `bad_cuts` the cut numbers whose verdict.json is unusable."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    cuts: list[dict[str, Any]] = field(default_factory=list)
+    bad_cuts: dict[int, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> Any:
+def _finite(x: Any, minimum: float = 0.0) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            and x >= minimum)
+
+
+def _count(x: Any, minimum: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def _str_or_none(x: Any) -> bool:
+    return x is None or isinstance(x, str)
+
+
+def _mapping_of(check: Any) -> Any:
+    return lambda x: isinstance(x, dict) and all(
+        isinstance(k, str) and check(v) for k, v in x.items())
+
+
+SUMMARY_FIELDS: dict[str, Any] = {  # key -> validity test (absent optional keys are fine)
+    "status": lambda x: x in STATUSES,
+    "run_id": lambda x: isinstance(x, str),
+    "scenario": lambda x: isinstance(x, str),
+    "target": lambda x: isinstance(x, str),
+    "failure": _str_or_none,
+    "stopped": _str_or_none,
+    "exit_code": lambda x: x is None or (_count(x) and x in (0, 1, 2)),
+    "cuts": _count,
+    "cuts_planned": _count,
+    "cuts_with_violations": _count,
+    "violations": _mapping_of(lambda v: _count(v, 1)),
+    "elapsed_s": _finite,
+    "cuts_per_min": _finite,
+    "phases_s": _mapping_of(_finite),
+    "cut_wall_s": _mapping_of(_finite),
+}
+SUMMARY_REQUIRED = ("status", "cuts", "violations")
+
+
+def _valid_violation(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("kind"), str)
+            and (v.get("lba") is None or _count(v.get("lba")))
+            and isinstance(v.get("detail"), str)
+            and (v.get("survivor") is None or isinstance(v.get("survivor"), dict))
+            and (v.get("contradicts") is None or isinstance(v.get("contradicts"), dict)))
+
+
+VERDICT_FIELDS: dict[str, Any] = {
+    "cut": _count,
+    "ok": lambda x: isinstance(x, bool),
+    "counts": _mapping_of(lambda v: _count(v, 1)),
+    "violations": lambda x: isinstance(x, list) and all(_valid_violation(v) for v in x),
+    "phases_s": _mapping_of(_finite),
+    "wall_s": _finite,
+    "stats": _mapping_of(lambda v: _count(v)),
+    "cut_at_s": lambda x: x is None or _finite(x, -math.inf),
+    "crash_image": _str_or_none,
+}
+VERDICT_REQUIRED = ("cut", "ok", "counts", "violations", "phases_s", "wall_s")
+
+
+def _read_json(path: Path, problems: list[str], what: str, required: bool = True) -> Any:
+    """The JSON value of `path`, or None with a problem noted (missing only if `required`)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        if required:
+            problems.append(f"{what}: missing")
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{what}: unreadable ({type(e).__name__}: {e})")
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        kind = "truncated" if text.strip() and isinstance(e, json.JSONDecodeError) and \
+            e.pos >= len(text.rstrip()) else "not valid JSON"
+        problems.append(f"{what}: {kind} ({e})")
         return None
 
 
-def write_junit(run_dir: str | Path) -> Path:
-    """One testcase per cut; a cut with violations is a failure, a testbed failure an error."""
+def _check_fields(obj: Any, fields: dict[str, Any], required: tuple[str, ...], what: str,
+                  problems: list[str]) -> dict[str, Any]:
+    """The valid known fields of `obj` (unknown keys are kept as they are); a problem for each
+    invalid or missing required one."""
+    if not isinstance(obj, dict):
+        problems.append(f"{what}: not a JSON object")
+        return {}
+    out = dict(obj)
+    for key, test in fields.items():
+        if key not in obj:
+            if key in required:
+                problems.append(f"{what}: `{key}` is missing")
+            continue
+        if not test(obj[key]):
+            problems.append(f"{what}: `{key}` is invalid: {json.dumps(obj[key])[:80]}")
+            del out[key]
+    return out
+
+
+def _check_verdict(obj: Any, n: int, what: str) -> tuple[dict[str, Any] | None, list[str]]:
+    problems: list[str] = []
+    verdict = _check_fields(obj, VERDICT_FIELDS, VERDICT_REQUIRED, what, problems)
+    if problems:
+        return None, problems
+    if verdict["cut"] != n:
+        problems.append(f"{what}: says cut {verdict['cut']}, its folder is cut-{n}")
+    kinds = Counter(v["kind"] for v in verdict["violations"])
+    if verdict["ok"] != (not verdict["violations"]) or dict(kinds) != verdict["counts"]:
+        problems.append(f"{what}: `ok`, `counts` and `violations` disagree")
+    return (None, problems) if problems else (verdict, [])
+
+
+def load_run(run_dir: Path) -> RunFolder:
+    """Read and check a run folder; whatever is missing or corrupt is in `problems`."""
+    run = RunFolder()
+    raw = _read_json(run_dir / "summary.json", run.problems, "summary.json")
+    if raw is not None:
+        run.summary = _check_fields(raw, SUMMARY_FIELDS, SUMMARY_REQUIRED, "summary.json",
+                                    run.problems)
+    manifest = _read_json(run_dir / "manifest.json", run.problems, "manifest.json")
+    if manifest is not None:
+        if isinstance(manifest, dict):
+            run.manifest = manifest
+        else:
+            run.problems.append("manifest.json: not a JSON object")
+    numbers = sorted(int(m.group(1)) for p in run_dir.glob("cut-*")
+                     if (m := CUT_DIR.fullmatch(p.name)) and p.is_dir())
+    counted = {int(k) for k in run.summary.get("cut_wall_s", {}) if k.isdigit()}
+    for n in numbers:
+        what = f"cut-{n}/{VERDICT}"
+        problems: list[str] = []
+        obj = _read_json(run_dir / f"cut-{n}" / VERDICT, problems, what, required=n in counted)
+        if obj is None:
+            if problems:
+                run.bad_cuts[n] = problems[0]
+            run.problems += problems
+            continue
+        verdict, problems = _check_verdict(obj, n, what)
+        if verdict is None:
+            run.bad_cuts[n] = problems[0]
+            run.problems += problems
+        else:
+            run.cuts.append(verdict)
+    for n in sorted(counted - set(numbers)):
+        run.bad_cuts[n] = f"cut-{n}: summary.json counts this cut, its folder is missing"
+        run.problems.append(run.bad_cuts[n])
+    _check_consistency(run)
+    return run
+
+
+def _check_consistency(run: RunFolder) -> None:
+    """The summary must not say less than the verdicts do (a summary that hides a violation
+    would make the exit code lie)."""
+    s = run.summary
+    if "cuts" in s and len(run.cuts) + len(run.bad_cuts) < s["cuts"]:
+        run.problems.append(f"summary.json counts {s['cuts']} cuts, the folder holds "
+                            f"{len(run.cuts) + len(run.bad_cuts)}")
+    if run.bad_cuts or "violations" not in s:
+        return
+    found: Counter[str] = Counter()
+    for c in run.cuts:
+        found.update(c["counts"])
+    if dict(found) != s["violations"]:
+        run.problems.append(f"summary.json says violations {json.dumps(s['violations'])}, the "
+                            f"verdicts add up to {json.dumps(dict(found))}")
+    elif s.get("status") == "passed" and found:
+        run.problems.append("summary.json says passed, the verdicts hold violations")
+
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: Any) -> str:
+    """Text XML 1.0 can carry (control characters from the guest would make it unparseable)."""
+    return _XML_BAD.sub("\ufffd", str(text))
+
+
+def write_junit(run_dir: str | Path, run: RunFolder | None = None) -> Path:
+    """One testcase per cut; a cut with violations is a failure; a testbed failure, and a run
+    folder with missing or corrupt files, an error."""
     run_dir = Path(run_dir)
-    summary, _, cuts = load_run(run_dir)
-    name = summary.get("scenario", run_dir.name)
+    run = run or load_run(run_dir)
+    summary, cuts = run.summary, run.cuts
+    name = _xml(summary.get("scenario", run_dir.name))
     failure = summary.get("failure")
+    other_problems = [p for p in run.problems if p not in run.bad_cuts.values()]
+    errors = (1 if failure else 0) + len(run.bad_cuts) + (1 if other_problems else 0)
     suite = ET.Element(
         "testsuite",
         name=f"testbed.{name}",
-        tests=str(len(cuts) + (1 if failure else 0)),
+        tests=str(len(cuts) + errors),
         failures=str(sum(1 for c in cuts if not c["ok"])),
-        errors="1" if failure else "0",
+        errors=str(errors),
         time=f"{sum(c['wall_s'] for c in cuts):.3f}",
     )
+    rows: list[tuple[int, ET.Element]] = []
     for c in cuts:
-        case = ET.SubElement(
-            suite,
-            "testcase",
-            classname=f"testbed.{name}",
-            name=f"cut-{c['cut']}",
-            time=f"{c['wall_s']:.3f}",
-        )
+        case = ET.Element("testcase", classname=f"testbed.{name}", name=f"cut-{c['cut']}",
+                          time=f"{c['wall_s']:.3f}")
         if not c["ok"]:
             counts = ", ".join(f"{k} x{n}" for k, n in c["counts"].items())
-            node = ET.SubElement(case, "failure", message=counts, type="violation")
-            node.text = "\n".join(_evidence_line(v) for v in c["violations"])
+            node = ET.SubElement(case, "failure", message=_xml(counts), type="violation")
+            node.text = _xml("\n".join(_evidence_line(v) for v in c["violations"]))
+        rows.append((c["cut"], case))
+    for n, problem in run.bad_cuts.items():
+        case = ET.Element("testcase", classname=f"testbed.{name}", name=f"cut-{n}")
+        ET.SubElement(case, "error", message=_xml(problem), type="corrupt-run-folder")
+        rows.append((n, case))
+    for _, case in sorted(rows, key=lambda r: r[0]):
+        suite.append(case)
     if failure:
         case = ET.SubElement(suite, "testcase", classname=f"testbed.{name}", name="testbed")
-        ET.SubElement(case, "error", message=failure, type="testbed-failure")
+        ET.SubElement(case, "error", message=_xml(failure), type="testbed-failure")
+    if other_problems:
+        case = ET.SubElement(suite, "testcase", classname=f"testbed.{name}", name="run-folder")
+        node = ET.SubElement(case, "error", message=_xml(other_problems[0]),
+                             type="corrupt-run-folder")
+        node.text = _xml("\n".join(other_problems))
     path = run_dir / "junit.xml"
     write_bytes_atomic(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
     return path
@@ -70,9 +270,11 @@ def write_junit(run_dir: str | Path) -> Path:
 def _evidence_line(v: dict[str, Any], start_ns: float | None = None) -> str:
     """One line of evidence; guest times as t+seconds from the round's start when known."""
 
-    def at(ns: float | None) -> str:
+    def at(ns: Any) -> str:
         if ns is None:
             return "no ack"
+        if not _finite(ns, -math.inf):
+            return str(ns)
         return f"t+{(ns - start_ns) / 1e9:.6f} s" if start_ns is not None else f"{ns} ns"
 
     where = f"lba {v['lba']}: " if v["lba"] is not None else ""
@@ -81,20 +283,27 @@ def _evidence_line(v: dict[str, Any], start_ns: float | None = None) -> str:
         parts.append(f"survivor {_value(v['survivor'])}")
     if c := v.get("contradicts"):
         parts.append(
-            f"vs {c['kind']} thread {c.get('thread')} op {c.get('op')} "
-            f"({_value(c['value'])}, invoke {at(c.get('invoke_ns'))}, ok {at(c.get('ok_ns'))})"
+            f"vs {c.get('kind')} thread {c.get('thread')} op {c.get('op')} "
+            f"({_value(c.get('value'))}, invoke {at(c.get('invoke_ns'))}, "
+            f"ok {at(c.get('ok_ns'))})"
         )
     return "; ".join(parts)
 
 
-def _value(v: dict[str, Any]) -> str:
-    if v["kind"] == "write":
-        return "write " + "/".join(map(str, v["write_id"]))
-    if v["kind"] == "phantom":
-        return f"phantom of lba {v.get('lba')} " + "/".join(map(str, v.get("write_id") or []))
-    if v["kind"] == "torn":
-        return f"torn #{v.get('digest', '')[:8]}"
-    return v["kind"]
+def _value(v: Any) -> str:
+    """A block value as text, whatever the (guest-written) object holds."""
+    if not isinstance(v, dict):
+        return f"?{str(v)[:40]}"
+    kind = v.get("kind")
+    wid = v.get("write_id")
+    wid_text = "/".join(map(str, wid)) if isinstance(wid, list) else ""
+    if kind == "write":
+        return "write " + wid_text
+    if kind == "phantom":
+        return f"phantom of lba {v.get('lba')} " + wid_text
+    if kind == "torn":
+        return f"torn #{str(v.get('digest', ''))[:8]}"
+    return str(kind)[:40]
 
 
 # --- the HTML page -----------------------------------------------------------------------
@@ -111,20 +320,26 @@ text-align:left;vertical-align:top} th{background:#f4f6f8}
 .muted{color:#68707a} code,pre{font:12px/1.4 ui-monospace,monospace} pre{background:#f6f8fa;
 padding:8px;overflow-x:auto;white-space:pre-wrap} svg{display:block;margin:6px 0}
 details{margin:8px 0} summary{cursor:pointer}
+.damaged{border:2px solid #c62828;background:#fdecea;padding:8px 12px;margin:12px 0}
 """
 
 
-def publish(run_dir: str | Path) -> None:
-    """Re-render junit.xml and report.html from what the run folder holds now."""
-    write_junit(run_dir)
-    render_report(run_dir)
+def publish(run_dir: str | Path) -> list[str]:
+    """Re-render report.html and junit.xml from what the run folder holds now; the problems
+    found in it (missing or corrupt files), [] for a sound folder."""
+    run = load_run(Path(run_dir))
+    render_report(run_dir, run)  # also notes corrupt event streams
+    write_junit(run_dir, run)
+    return run.problems
 
 
-def render_report(run_dir: str | Path) -> Path:
+def render_report(run_dir: str | Path, run: RunFolder | None = None) -> Path:
     run_dir = Path(run_dir)
-    summary, manifest, cuts = load_run(run_dir)
+    run = run or load_run(run_dir)
+    summary, manifest, cuts = run.summary, run.manifest, run.cuts
     status = summary.get("status", "running")
     title = f"testbed run {summary.get('run_id', run_dir.name)}"
+    sections = [_cut_section(run_dir, c, run.problems) for c in cuts]
     body = [
         f"<h1>{escape(title)}</h1>",
         f'<p><span class="badge {escape(status)}">{escape(status)}</span> '
@@ -133,14 +348,18 @@ def render_report(run_dir: str | Path) -> Path:
         f"seed {escape(str(manifest.get('seed')))}"
         "</p>",
     ]
+    if run.problems:
+        items = "".join(f"<li>{escape(p)}</li>" for p in run.problems)
+        body.append('<div class="damaged"><b>This run folder is damaged: what it shows is '
+                    f"incomplete or cannot be trusted.</b><ul>{items}</ul></div>")
     if summary.get("failure"):
         body.append(f'<p class="bad">Testbed failure: {escape(summary["failure"])}</p>')
     if summary.get("stopped"):
         body.append(f'<p class="bad">{escape(summary["stopped"])}</p>')
     body += _summary_section(summary)
     body += _phases_section(summary, cuts)
-    body += _verdict_table(cuts)
-    body += [_cut_section(run_dir, c) for c in cuts]
+    body += _verdict_table(cuts, run.bad_cuts)
+    body += sections
     body += _manifest_section(manifest)
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -250,8 +469,8 @@ def _svg(width: float, height: float, inner: str) -> str:
     )
 
 
-def _verdict_table(cuts: list[dict[str, Any]]) -> list[str]:
-    rows = []
+def _verdict_table(cuts: list[dict[str, Any]], bad_cuts: dict[int, str]) -> list[str]:
+    rows: list[tuple[int, str]] = []
     for c in cuts:
         verdict = (
             '<span class="ok">ok</span>'
@@ -264,26 +483,32 @@ def _verdict_table(cuts: list[dict[str, Any]]) -> list[str]:
         )
         stats = c.get("stats") or {}
         cut_at = "" if c.get("cut_at_s") is None else f"{c['cut_at_s']:.2f}"
-        rows.append(
+        cells = "".join(f"<td>{escape(str(stats.get(k, '')))}</td>"
+                        for k in ("acked_writes", "indeterminate_writes", "reads"))
+        rows.append((c["cut"],
             f'<tr><td><a href="#cut-{c["cut"]}">cut {c["cut"]}</a></td><td>{verdict}</td>'
-            f"<td>{stats.get('acked_writes', '')}</td>"
-            f"<td>{stats.get('indeterminate_writes', '')}</td>"
-            f"<td>{stats.get('reads', '')}</td><td>{cut_at}</td><td>{_duration(c['wall_s'])}</td>"
+            f"{cells}<td>{cut_at}</td><td>{_duration(c['wall_s'])}</td>"
             f"<td>{'crash image kept' if c.get('crash_image') else ''}</td></tr>"
-        )
+        ))
+    for n, problem in bad_cuts.items():
+        rows.append((n, f'<tr><td>cut {n}</td><td colspan="7"><span class="bad">no verdict: '
+                        f"{escape(problem)}</span></td></tr>"))
     head = (
         "<tr><th>Cut</th><th>Verdict</th><th>Acked updates</th><th>In flight</th><th>Reads</th>"
         "<th>Cut at (s)</th><th>Wall</th><th></th></tr>"
     )
-    return ["<h2>Verdicts</h2>", f"<table>{head}{''.join(rows)}</table>"]
+    body = "".join(row for _, row in sorted(rows, key=lambda r: r[0]))
+    return ["<h2>Verdicts</h2>", f"<table>{head}{body}</table>"]
 
 
-def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
+def _cut_section(run_dir: Path, c: dict[str, Any], problems: list[str]) -> str:
     n = c["cut"]
     events_path = run_dir / f"cut-{n}" / EVENTS
-    events = events_mod.read(events_path) if events_path.exists() else []
+    events, note = _report_events(events_path, f"cut-{n}/{EVENTS}")
+    if note:
+        problems.append(note)
     bad_lbas = {v["lba"] for v in c["violations"] if v["lba"] is not None}
-    start = next((e["t"] for e in events if e.get("ev") == "start"), None)
+    start = next((e["t"] for e in events if e["ev"] == "start"), None)
     parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
     if c["violations"]:
         items = "".join(
@@ -291,10 +516,12 @@ def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
         )
         parts.append(f"<ul>{items}</ul>")
     culprits = {
-        (v["contradicts"]["thread"], v["contradicts"]["op"])
+        (v["contradicts"].get("thread"), v["contradicts"].get("op"))
         for v in c["violations"]
-        if v.get("contradicts") and "thread" in v["contradicts"]
+        if v.get("contradicts")
     }
+    if note:
+        parts.append(f'<p class="bad">{escape(note)}</p>')
     parts.append(_timeline(events, c.get("cut_at_s"), bad_lbas, culprits))
     links = " · ".join(
         f'<a href="cut-{n}/{name}">{name}</a>'
@@ -303,6 +530,31 @@ def _cut_section(run_dir: Path, c: dict[str, Any]) -> str:
     )
     parts.append(f'<p class="muted">{links}</p>')
     return "\n".join(parts)
+
+
+def _report_events(path: Path, what: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The well-formed events of a cut for the timeline, and a note when the file is corrupt or
+    holds malformed events (the guest writes them: nothing in them is trusted)."""
+    if not path.exists():
+        return [], None
+    try:
+        raw = events_mod.read(path)
+    except (OSError, events_mod.EventStreamError) as e:
+        return [], f"{what}: {e}"
+    good = [e for e in raw if _well_formed(e)]
+    if len(good) < len(raw):
+        return good, f"{what}: {len(raw) - len(good)} malformed events left out of the timeline"
+    return good, None
+
+
+def _well_formed(e: dict[str, Any]) -> bool:
+    ev = e.get("ev")
+    if not isinstance(ev, str) or not _finite(e.get("t"), -math.inf):
+        return False
+    if ev in ("invoke", "ok", "fail"):
+        return (_count(e.get("thread")) and _count(e.get("op")) and isinstance(e.get("kind"), str)
+                and _count(e.get("lba")))
+    return True
 
 
 def _timeline(
@@ -350,7 +602,7 @@ def _timeline(
         if key in culprits:
             parts.append(
                 f'<path d="M{x + w / 2 - 5:.1f},{y - 4} h10 l-5,6 z" fill="#c62828">'
-                f"<title>evidence: {inv['kind']} op {inv['op']}</title></path>"
+                f"<title>evidence: {escape(inv['kind'])} op {inv['op']}</title></path>"
             )
         seen = ""
         if res is not None and "value" in res:
@@ -358,8 +610,8 @@ def _timeline(
         status = "ok" if acked else ("failed" if res else "in flight at the cut")
         parts.append(
             f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 8}" rx="2" '
-            f'fill="{KIND_COLOURS.get(inv["kind"], "#888")}"{stroke}><title>{inv["kind"]} lba '
-            f"{inv['lba']} op {inv['op']} ({status}){escape(seen)}, "
+            f'fill="{KIND_COLOURS.get(inv["kind"], "#888")}"{stroke}><title>{escape(inv["kind"])} '
+            f"lba {inv['lba']} op {inv['op']} ({status}){escape(seen)}, "
             f"t+{(inv['t'] - start) / 1e9:.4f} s</title></rect>"
         )
     cut_x = left + (cut_t - t0) * scale

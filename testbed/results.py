@@ -72,10 +72,25 @@ def progress_line(cut: int, total: int, phase: str, elapsed_s: float, violations
             f"violations {violations}")
 
 
+def shared_mode() -> int:
+    """The mode open() gives a new file under the user's umask (mkstemp's is 0600): run
+    folders are results meant for sharing, unlike runtime state and keys."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), shared_mode())
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -93,7 +108,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def copy_atomic(src: Path, dst: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
+    try:
+        os.fchmod(fd, shared_mode())
+    finally:
+        os.close(fd)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)

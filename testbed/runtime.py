@@ -107,7 +107,11 @@ def remove_state_dir(name: str) -> None:
 def save(state: GuestState) -> None:
     path = Path(state.state_dir) / "state.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    tmp.unlink(missing_ok=True)
+    # Run state is private (its folder is 0700 too): ports, key paths, the QMP socket's path.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(state), indent=2) + "\n")
     tmp.rename(path)
 
 
