@@ -725,7 +725,7 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     same steps as generators for interleaving; these stay straight-line for speed: every name
     is a closure variable, table words are read through strided views (no index arithmetic),
     and the persistence interface is called through bindings taken once here."""
-    nblock, bsize, dataoff, tt_word = pool.nblock, pool.bsize, pool._dataoff, pool._tt_word
+    bsize, dataoff, tt_word = pool.bsize, pool._dataoff, pool._tt_word
     cycles, pbas, persist = pool._cycles, pool._pbas, pool._persist
     swap_persist = pool._pmem.swap_persist
     store_persist, visible = pool._store_persist, pool._visible
@@ -814,8 +814,6 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
 
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:
         """Atomically replace the block (bytes is the fastest argument type)."""
-        if type(lba) is not int or not 0 <= lba < nblock:
-            lba = check_lba(lba)
         if len(data) != bsize:
             check_len(data)
         if hungry[0]:
@@ -832,8 +830,15 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
             newpba = lane_free[lane]
             # WwriteBlock: copy the data into the free block and persist it
             store_persist((newpba + block0) * bsize, data)
-            # WloadOldCycle
-            oldcycle = cycles[lba]
+            # WloadOldCycle. The table view checks the LBA as it indexes (as in read_into); a
+            # bad LBA leaves only the lane's free block written, which nothing maps.
+            try:
+                oldcycle = cycles[lba]
+                if lba < 0:
+                    raise IndexError
+            except (IndexError, TypeError):
+                lba = check_lba(lba)  # EINVAL, or an int for an integer-like LBA
+                oldcycle = cycles[lba]
             newcycle = lane_next[lane]
             # WloadOldPBA
             oldpba = pbas[lba]
