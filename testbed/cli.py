@@ -23,12 +23,14 @@ from typing import Any
 
 from testbed import campaign, runtime
 from testbed import image as image_mod
-from testbed.ndctl import MODES, NdctlError, create_namespace, namespaces
+from testbed.guest_agent import Agent, stage
+from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
 from testbed.report import publish
 from testbed.scenario import ScenarioError
 from testbed.ssh import SSHError, plain_ssh_argv
+from testbed.targets import BTT8_BLK_NAME, BTT8CTL
 from testbed.vm import VM, VMError
 
 log = logging.getLogger("testbed")
@@ -36,6 +38,9 @@ log = logging.getLogger("testbed")
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+DEFAULT_NVDIMM = (256 << 20, "devdax")  # `testbed up` without --nvdimm: an NVDIMM testbed
 
 
 def _parse_nvdimm(text: str) -> tuple[int, str | None]:
@@ -74,7 +79,11 @@ def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     img = image_mod.build()
     data = runtime.data_dir(name)
-    specs = [NvdimmSpec(data / f"nvdimm{i}.img", size) for i, (size, _) in enumerate(args.nvdimm)]
+    if args.no_nvdimm and (args.nvdimm or args.attach):
+        _say("testbed up: --no-nvdimm leaves nothing for --nvdimm or --attach")
+        return 2
+    nvdimms = args.nvdimm or ([] if args.no_nvdimm else [DEFAULT_NVDIMM])
+    specs = [NvdimmSpec(data / f"nvdimm{i}.img", size) for i, (size, _) in enumerate(nvdimms)]
     for s in specs:
         _say(f"nvdimm: {s.backing} ({s.size >> 20} MiB region"
              f"{', existing content kept' if s.backing.exists() else ', new'})")
@@ -87,7 +96,7 @@ def _up(args: argparse.Namespace) -> int:
         boot = vm.wait_for_ssh(args.timeout)
         _say(f"[{time.monotonic() - t0:5.1f}s] guest ssh-ready {boot:.1f} s after launch")
         nv_state = []
-        for i, (spec, (_, mode)) in enumerate(zip(specs, args.nvdimm, strict=True)):
+        for i, (spec, (_, mode)) in enumerate(zip(specs, nvdimms, strict=True)):
             region = f"region{i}"
             existing = [ns for ns in namespaces(vm, region) if "uuid" in ns]
             entry = {"backing": str(spec.backing), "size": spec.size, "region": region}
@@ -95,6 +104,8 @@ def _up(args: argparse.Namespace) -> int:
                 entry["device"] = create_namespace(vm, mode, region)
                 _say(f"nvdimm{i}: {mode} namespace {entry['device']}")
             nv_state.append(entry)
+        if args.attach == "btt8":
+            _say(f"[{time.monotonic() - t0:5.1f}s] {_attach_btt8(vm)}")
         assert vm.pid is not None and vm.ssh_port is not None and vm.accel is not None
         runtime.save(runtime.GuestState(
             name=name, pid=vm.pid, ssh_port=vm.ssh_port, accel=vm.accel,
@@ -109,6 +120,20 @@ def _up(args: argparse.Namespace) -> int:
         raise
     _say(f"guest {name} is up. testbed ssh {name}   |   testbed down {name}")
     return 0
+
+
+def _attach_btt8(vm: VM) -> str:
+    """`up --attach btt8`: deploy the guest packages, format region0's devdax namespace as a
+    BTT8 pool unless it already is one (its data is kept), attach it as /dev/btt8a."""
+    dax = [device_path(ns) for ns in namespaces(vm) if ns.get("mode") == "devdax"]
+    if not dax:
+        raise NdctlError("--attach btt8 needs a devdax namespace (--nvdimm SIZE:devdax, the "
+                         "default for a new guest)")
+    with tempfile.TemporaryDirectory(prefix="testbed-up-") as tmp:
+        Agent(*stage(Path(tmp))).deploy(vm)
+    if vm.execute(*BTT8CTL[:2], "python3", "-m", "btt8", "check", dax[0], timeout=300).rc:
+        vm.succeed(*BTT8CTL, "format", dax[0], "--bsize", "4096", "--force", timeout=300)
+    return vm.succeed(*BTT8CTL, "attach", dax[0], "--name", BTT8_BLK_NAME, timeout=300).strip()
 
 
 def _ssh_argv(st: runtime.GuestState) -> list[str]:
@@ -239,7 +264,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nvdimm", action="append", type=_parse_nvdimm, default=[],
                    metavar="SIZE[:MODE]",
                    help=f"add an NVDIMM (region size, multiple of 16M); MODE one of "
-                        f"{', '.join(MODES)} creates a namespace on first use")
+                        f"{', '.join(MODES)} creates a namespace on first use "
+                        f"(default: one 256M:devdax)")
+    p.add_argument("--no-nvdimm", action="store_true", help="a guest without any NVDIMM")
+    p.add_argument("--attach", choices=("btt8",),
+                   help="btt8: format the devdax namespace as a BTT8 pool (unless it is one) "
+                        "and attach it as /dev/btt8a")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to ssh-ready")
     p.set_defaults(func=_up)
