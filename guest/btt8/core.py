@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import mmap
 import operator
 import os
 import re
@@ -24,12 +25,13 @@ import stat
 import struct
 import threading
 import time
+import traceback
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import compress, repeat
 from types import TracebackType
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from .pmem import MappedPmem, Pmem
 
@@ -192,7 +194,26 @@ def _or_planes(planes: list[bytes]) -> bytes:
     return acc.to_bytes(len(planes[0]), "little")
 
 
-def _lane_counts(table: bytes, nblocks: int, zero_planes: tuple[int, ...] = ()) -> list[int]:
+class _Table(NamedTuple):
+    """The translation table inside a buffer that step-slices at C speed (bytes, bytearray or
+    an mmap: the pool's own mapping, so open copies nothing): n entries from byte `base`."""
+
+    buf: bytes | bytearray | mmap.mmap
+    base: int
+    n: int
+
+    def plane(self, k: int, step: int = ENTRY_SIZE) -> bytes:
+        """Byte k of every entry (step 16), or bytes k and k + 8 of every entry (step 8)
+        (a bytearray from a bytearray buffer: the same operations apply)."""
+        return self.buf[self.base + k : self.base + ENTRY_SIZE * self.n : step]  # type: ignore
+
+    def words(self, fmt: Literal["I", "Q"], first: int, step: int) -> memoryview:
+        """A strided view of words of the entries (no copy)."""
+        whole = memoryview(self.buf)[self.base : self.base + ENTRY_SIZE * self.n]
+        return whole.cast(fmt)[first::step]
+
+
+def _lane_counts(table: _Table, zero_planes: tuple[int, ...] = ()) -> list[int]:
     """Per-lane maximum count (count = cycle >> 12, lane = cycle & 0xFFF) over all entries.
 
     Sorting every cycle costs O(n log n) Python-object compares (~0.4 s for 650k distinct
@@ -210,15 +231,16 @@ def _lane_counts(table: bytes, nblocks: int, zero_planes: tuple[int, ...] = ()) 
     Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0.
     zero_planes: cycle bytes (2-7) the caller already knows to be zero in every entry."""
     counts = [0] * NFREE
+    nblocks = table.n
     zero = bytes(nblocks)
-    plane1 = table[1::ENTRY_SIZE]
+    plane1 = table.plane(1)
     count_planes = [plane1.translate(_COUNT_LO)]  # count bits only; lane bits come from below
     for k in range(7, 1, -1):
         if k in zero_planes:  # the caller saw cycle byte k all zero
             continue
-        top_plane = table[k::ENTRY_SIZE]
+        top_plane = table.plane(k)
         if top_plane != zero:
-            count_planes += [table[j::ENTRY_SIZE] for j in range(2, k)] + [top_plane]
+            count_planes += [table.plane(j) for j in range(2, k)] + [top_plane]
             break
     high = len(count_planes)  # highest non-zero cycle byte (1 when counts are below 16)
     if high == 1 and count_planes[0] == zero:
@@ -241,10 +263,12 @@ def _lane_counts(table: bytes, nblocks: int, zero_planes: tuple[int, ...] = ()) 
     any_bit |= any_bit >> 2
     any_bit |= any_bit >> 1
     has_count = any_bit & _repeated(1, nblocks)  # 1 per entry with count >= 1, as a big int
-    lane_lo = table[0::ENTRY_SIZE]
-    cycles = memoryview(table).cast("Q")[0::2]
-    planes = _CyclePlanes(cycles, lane_lo, coarse, coarse_int, has_count)
-    if 1 not in plane1.translate(_LANE_HI_NONZERO) and (
+    lane_lo = table.plane(0)
+    cycles = table.words("Q", 0, 2)
+    lanes_below_256 = 1 not in plane1.translate(_LANE_HI_NONZERO)
+    planes = _CyclePlanes(cycles, lane_lo, coarse, coarse_int, has_count,
+                          _lanes_present(lane_lo) if lanes_below_256 else set())
+    if lanes_below_256 and (
             _tops_at_top(planes, counts) or _tops_by_nibbles(planes, counts)
             or _tops_by_rounds(planes, counts)):
         return counts
@@ -264,6 +288,7 @@ class _CyclePlanes(NamedTuple):
     coarse: bytes  # count >> s, one byte per entry
     coarse_int: int  # the same as a big int
     has_count: int  # 1 per entry whose count is >= 1, as a big int
+    lanes: set[int]  # the distinct bytes of lane_lo (when every lane is below 256)
 
 
 def _raise_to(counts: list[int], cycles: memoryview, positions: Iterator[int]) -> list[int]:
@@ -297,7 +322,7 @@ def _tops_at_top(planes: _CyclePlanes, counts: list[int]) -> bool:
     trial = counts[:]
     found = set(_raise_to(trial, planes.cycles,
                           (m.start() for m in _BYTE_RE[t].finditer(coarse))))
-    missing = _lanes_present(lane_lo) - found
+    missing = planes.lanes - found
     if missing - {0}:
         return False
     if missing:  # lane 0 in plane 0 but not at t: fine if all its entries are fresh (count 0)
@@ -351,7 +376,7 @@ def _tops_by_nibbles(planes: _CyclePlanes, counts: list[int]) -> bool:
     3. the entries whose key is their lane's top are the candidates (one more translate).
     A dozen vector ops and at most 32 probes per lane, whatever the counts."""
     lane_lo, coarse_int = planes.lane_lo, planes.coarse_int
-    lanes = sorted(_lanes_present(lane_lo) | {0})
+    lanes = sorted(planes.lanes | {0})
     if len(lanes) > 15:
         return False
     n = len(lane_lo)
@@ -420,10 +445,10 @@ def _ramp(chunk: int) -> tuple[int, int, memoryview]:
             memoryview(bytes(8 * chunk)).cast("Q"))
 
 
-def _describe_map_error(table: bytes, lay: Layout) -> str:
+def _describe_map_error(table: _Table, lay: Layout) -> str:
     """Slow path, only on a corrupt map: name the first offending LBA."""
     seen: dict[int, int] = {}
-    pbas = memoryview(table).cast("Q")[1::2]
+    pbas = table.words("Q", 1, 2)
     for lba, pba in enumerate(map(operator.and_, pbas, repeat(PBA_MASK))):
         if pba >= lay.tblocks:
             return f"LBA {lba} maps to PBA {pba}, out of range (max {lay.tblocks - 1})"
@@ -438,10 +463,10 @@ def recover(table: bytes, lay: Layout, path: str | None = None) -> tuple[list[in
     blocks (exactly nfree of them); each lane's count is the max count seen for it.
 
     Returns (free PBA per lane, count per lane). Raises CorruptionError; never writes."""
-    return _recover(table, lay, path)[:2]  # type: ignore[return-value]
+    return _recover(_Table(table, 0, lay.nblocks), lay, path)[:2]  # type: ignore[return-value]
 
 
-def _recover(table: bytes, lay: Layout,
+def _recover(table: _Table, lay: Layout,
              path: str | None = None) -> tuple[list[int], list[int], bytes]:
     """recover(), plus the flag-byte plane (byte 15 of every entry) for the caller's counts."""
     nblocks, tblocks, nfree = lay.nblocks, lay.tblocks, lay.nfree
@@ -451,13 +476,13 @@ def _recover(table: bytes, lay: Layout,
     # fewer than 2**32 blocks, so the low 32 bits are the whole PBA.
     # A step of 8 picks byte k of the cycle and byte k of the PBA word together: when bytes 4-6
     # of both are all zero (three slices, the usual case) the cycle planes 4-6 need no look.
-    top = table[15::ENTRY_SIZE]  # bytes step-slicing: far faster than a strided memoryview
+    top = table.plane(15)  # step-slicing: far faster than a strided memoryview
     zero2 = bytes(2 * nblocks)
-    cycle_zero = tuple(k for k in (4, 5, 6) if table[k::8] == zero2)
+    cycle_zero = tuple(k for k in (4, 5, 6) if table.plane(k, 8) == zero2)
     if 1 in top.translate(_BAD_FLAG_BYTE) or tblocks > 1 << 32 or any(
-            table[k + 8::ENTRY_SIZE] != zero for k in (4, 5, 6) if k not in cycle_zero):
+            table.plane(k + 8) != zero for k in (4, 5, 6) if k not in cycle_zero):
         raise CorruptionError(_describe_map_error(table, lay), path)
-    pbas = memoryview(table).cast("I")[2::4]  # low halves of the PBA words, no copy
+    pbas = table.words("I", 2, 4)  # low halves of the PBA words, no copy
 
     used = bytearray(tblocks)
     # Runs of entries still at their initial PBA (i + nfree) are marked with one slice store;
@@ -467,7 +492,7 @@ def _recover(table: bytes, lay: Layout,
     # start+nfree+0, +1, ... (one big int, ramp + base * ones: no nblocks-long array).
     chunk = _SCAN_CHUNK if nblocks >= 64 * _SCAN_CHUNK else _SCAN_CHUNK // 4
     ramp, ones, zeros = _ramp(chunk)
-    cycles = memoryview(table).cast("Q")[0::2]
+    cycles = table.words("Q", 0, 2)
     try:
         for start in range(0, nblocks, chunk):
             end = min(start + chunk, nblocks)
@@ -487,7 +512,7 @@ def _recover(table: bytes, lay: Layout,
         detail = _describe_map_error(table, lay)
         raise CorruptionError(f"found {len(free)} free blocks, expected {nfree}: {detail}",
                               path)
-    return free, _lane_counts(table, nblocks, cycle_zero), top
+    return free, _lane_counts(table, cycle_zero), top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,10 +543,10 @@ class Pool:
         self.bsize = lay.bsize
         self.nblock = lay.nblocks
         self.nfree = lay.nfree
-        table = pmem.load(lay.ttoff, lay.nblocks * ENTRY_SIZE)
-        self._lane_free, counts, self._flags_at_open = _recover(table, lay, path)
+        # Recovery reads the table in place (pmem.buffer: byte-plane slices, no 16 MB copy).
+        self._lane_free, counts, self._flags_at_open = _recover(
+            _Table(pmem.buffer, lay.ttoff, lay.nblocks), lay, path)
         self._zeroed_at_open = -1
-        del table
         lane_next = list(range(NFREE, 2 * NFREE))  # count 0 everywhere: next cycle count 1
         for lane in compress(range(NFREE), counts):
             lane_next[lane] = make_cycle(lane, counts[lane] + 1)
@@ -894,8 +919,8 @@ def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644) -> Pool:
         lay = Layout.for_pool(bsize, size)
         format_pool(pmem, lay)
         return Pool(pmem, path)
-    except BaseException:
-        pmem.close()
+    except BaseException as exc:
+        _close_after_failure(pmem, exc)
         if not is_device:
             os.unlink(path)
         raise
@@ -926,12 +951,20 @@ def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
         if readonly:
             pool.write = pool.set_zero = _read_only  # type: ignore[method-assign,assignment]
         return pool
-    except BaseException:
+    except BaseException as exc:
         if pool is None:
-            pmem.close()
+            _close_after_failure(pmem, exc)
         else:
             pool.close()  # also drops the pool's views of the mapping
         raise
+
+
+def _close_after_failure(pmem: Pmem, exc: BaseException) -> None:
+    """Close a mapping whose open failed. The frames of the traceback may still hold views of
+    it (recovery's strided views of the table) and a mapping cannot close under a view:
+    clearing those frames' locals drops them."""
+    traceback.clear_frames(exc.__traceback__)
+    pmem.close()
 
 
 def _read_only(*_args: object) -> None:

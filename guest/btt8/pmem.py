@@ -16,6 +16,10 @@ path never runs a Python frame for them):
                                   backend keeps this view on its DRAM copy (what loads observe)
     visible_words                 visible cast to 'Q': word-indexed 8-byte loads by subscript
                                   (one load each; cheaper than calling load8)
+    buffer                        the object under visible (an mmap or a bytearray), for
+                                  loads by step slicing (buffer[a:b:16]: a byte of every table
+                                  entry at C speed, which a strided memoryview is not): open's
+                                  recovery scan. Loads only, like visible
     load(off, n) -> bytes         copy n bytes out
     load_into(off, buf)           copy len(buf) bytes into a writable buffer
     store(off, data)              copy data in (not persisted)
@@ -127,7 +131,7 @@ class Pmem:
     persist_mode: str
 
     def __init__(self, buf: mmap.mmap | bytearray, readonly: bool = False) -> None:
-        self._buf = buf
+        self._buf = self.buffer = buf
         self.size = len(buf)
         mv = memoryview(buf)
         if readonly:
