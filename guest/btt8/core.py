@@ -761,6 +761,8 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     tt_byte = tt_word * 8
     block0 = dataoff // bsize  # dataoff is block aligned: PBA p starts at (p + block0) * bsize
     atomic = pool._swap_is_atomic
+    buffer = pool._pmem.buffer  # loads by slicing: see pmem
+    as_bytes = buffer if isinstance(buffer, mmap.mmap) else None  # its slices are bytes
     # module constants as closure variables (a cell load is cheaper than a global lookup)
     lane_mask, flag_unused, flag_zero, pba_mask, nfree = (
         LANE_MASK, FLAG_UNUSED, FLAG_ZERO, PBA_MASK, NFREE)
@@ -781,10 +783,10 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
         if lane_next[pre & lane_mask] == pre:
             persist(tt_byte + 16 * lba + 8, 8)
-        # RcopyBlock
+        # RcopyBlock (slicing an mmap gives bytes in one step; any other buffer: via a view)
         if pba < flag_unused:
             off = (pba + block0) * bsize
-            data = visible[off : off + bsize].tobytes()
+            data = as_bytes[off : off + bsize] if as_bytes else visible[off : off + bsize].tobytes()
         elif pba & flag_zero:
             data = zero_block
         else:
