@@ -482,13 +482,15 @@ def linearizable(ops: list[Op], initial: Decoded) -> bool:
     n = len(ops)
     starts = [op.start for op in ops]
     ends = [op.end for op in ops]
-    # Program order: the previous op of the same thread in this list (-1: none).
+    # Program order: the previous op of the same thread that has an end (-1: none); an op
+    # without one (cut short, failed) may have taken effect or not, but not after its successor.
     prev_of_thread: dict[int, int] = {}
     prev = [-1] * n
     for i, op in enumerate(ops):
         if op.thread >= 0:
             prev[i] = prev_of_thread.get(op.thread, -1)
-            prev_of_thread[op.thread] = i
+            if op.end != INF:
+                prev_of_thread[op.thread] = i
     seen: set[tuple[int, tuple[int, ...], Decoded]] = set()
     stack: list[tuple[int, tuple[int, ...], Decoded]] = [(0, (), initial)]
     while stack:
@@ -506,7 +508,7 @@ def linearizable(ops: list[Op], initial: Decoded) -> bool:
         for i in candidates:
             op = ops[i]
             before = prev[i]
-            if before >= 0 and ends[before] != INF and not _done(before, frontier, pending):
+            if before >= 0 and not _done(before, frontier, pending):
                 continue  # the thread's previous op must take effect first
             if op.kind in ("read", "recovered"):
                 if op.value is not ANY and op.value != value:
@@ -524,7 +526,8 @@ def linearizable(ops: list[Op], initial: Decoded) -> bool:
                 new_frontier = i + 1
             if op.thread >= 0:
                 # Its thread's earlier indeterminate ops can no longer take effect.
-                rest = tuple(p for p in rest if not (ops[p].thread == op.thread and p < i))
+                rest = tuple(p for p in rest
+                             if not (ops[p].thread == op.thread and ends[p] == INF and p < i))
             state = (new_frontier, rest, new_value)
             if state not in seen:
                 seen.add(state)

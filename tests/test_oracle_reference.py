@@ -89,7 +89,10 @@ def small_histories(draw: Any) -> tuple[list[Op], Decoded]:
             last = index == 2 or len(ops) == 5
             if kind != "read" and draw(st.booleans()) and draw(st.booleans()):
                 ops.append(Op(kind, value, start, INF, thread, index))
-                break  # an op cut short is its thread's last
+                if draw(st.booleans()):
+                    break  # cut short: its thread's last op
+                t = start + draw(st.integers(0, 2))  # failed: the thread may go on
+                continue
             ops.append(Op(kind, value, start, end, thread, index))
             t = end + draw(st.integers(0, 2))
             if last:
@@ -100,7 +103,7 @@ def small_histories(draw: Any) -> tuple[list[Op], Decoded]:
     return [*ops, final], initial
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(small_histories())
 def test_search_agrees_with_brute_force(history: tuple[list[Op], Decoded]) -> None:
     ops, initial = history
@@ -329,10 +332,12 @@ def test_the_initial_value_is_exempt_whatever_epoch_it_names() -> None:
 
 def test_pathological_busy_lba_stays_near_linear() -> None:
     """A write that fails early and is never needed, then 30k ops on the same LBA: the old
-    search rescanned from that write in every state (~6k ops took 10 s, 30k did not finish)."""
-    config, events, survivor, rolled_back = busy_lba_round(30_000)
+    search rescanned from that write in every state (~6k ops took 10 s, 30k did not finish);
+    20k ops here, 100k in `python -m testbed.oracle_bench`."""
+    config, events, survivor, rolled_back = busy_lba_round(20_000)
     start = time.perf_counter()
     assert judge(config, events, {"ok": True, "blocks": {"0": survivor.to_json()}}).ok
     lost = judge(config, events, {"ok": True, "blocks": {"0": rolled_back.to_json()}})
     assert [v.kind for v in lost.violations] == ["lost-ack"]
-    assert time.perf_counter() - start < 30
+    # ~1 s on an idle 2-core host; the old search took 13 s at 6k ops (BENCHMARKS.md)
+    assert time.perf_counter() - start < 60
