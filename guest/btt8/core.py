@@ -11,6 +11,12 @@ here, so readers never helped persist and recovery seeded wrong lane counts).
 The production read and write are written out straight, with each PlusCal step labelled in a
 comment; btt8.steps holds the same steps as generators that yield at every label, for tests and
 for a model checker to interleave without slowing the production path.
+
+Concurrency is that of one CPython process (the pool file is flock-ed): a writer's lane is popped
+off a stack of free lanes and pushed back when done (list.pop/append: single C calls, atomic under
+the GIL); the 16-byte CAS is the persistence layer's cas16 (see btt8.pmem: both halves stored in
+one C call, so a reader never sees half a swap and RcheckAtomicity compares the cycle, as the spec
+does; a backend that cannot promise that makes readers compare the PBA as well).
 """
 
 from __future__ import annotations
