@@ -83,7 +83,7 @@ class FioClient(Client):
                           f"trigger (round {epoch})")
 
     def recover_config(self) -> dict[str, Any]:
-        return {"fio_state": self.state, "fio_job": self.job}
+        return {"fio_state": self.state, "fio_job": self.job, "fio_complete": self.complete}
 
     def judge(self, config: dict[str, Any], events: list[dict[str, Any]],
               recovery: dict[str, Any], initial: dict[int, oracle.Decoded]) -> oracle.Verdict:

@@ -11,7 +11,7 @@ workload          events: start; fio: `fio-state` (its saved verify state, base6
                   seed, epoch, threads, lbas) and done;
                   ext4: per op invoke then ok | fail | died, end, done (as the agent's).
 recover-and-dump  fio: `fio --verify_only --verify_state_load` with the state the host sends
-                  back ({"fio_state": {file: base64}, "fio_job": {...}})
+                  back ({"fio_state": {file: base64}, "fio_job": {...}, "fio_complete": bool})
                   -> {"ok", "blocks": {}, "verify": {...}}
                   ext4: mount (journal replay) + umount, `e2fsck -fn`, repair with -fy only
                   when that found errors (so later rounds run on a consistent filesystem),
@@ -159,7 +159,10 @@ def fio_verify(config: dict[str, Any]) -> dict[str, Any]:
         with open(os.path.join(FIO_DIR, name), "wb") as f:
             f.write(base64.b64decode(data))
     job = {**config, **config["fio_job"]}
-    argv = fio_job(job, verify=True) + (["--verify_state_load=1"] if state else [])
+    # A run cut short verifies up to its saved state; one that wrote its whole region before
+    # the trigger verifies all of it (fio's end-of-job state is not a write-phase state).
+    partial = state and not config.get("fio_complete")
+    argv = fio_job(job, verify=True) + (["--verify_state_load=1"] if partial else [])
     r = subprocess.run(argv, capture_output=True, text=True, cwd=FIO_DIR, timeout=1800)
     verified, error = 0, None
     try:

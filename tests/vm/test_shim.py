@@ -106,10 +106,10 @@ def _scenario(tmp_path: Path, kind: str, client: str) -> Path:
     data["name"] = f"ci-{client}-{kind}"
     data["target"]["kind"] = kind
     data["cuts"]["count"] = 1
-    data["cuts"]["when"] = {"after_s": [2.0, 3.0]}
+    data["cuts"]["when"] = {"after_s": [1.5, 2.5]}
     data["workload"]["duration_s"] = 40
-    if client == "fio":
-        data["workload"]["lbas"] = 8192
+    if client == "fio":  # a region the target cannot finish before the cut
+        data["workload"]["lbas"] = 8192 if kind == "btt8-blk" else 49152
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
