@@ -811,7 +811,8 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         return bytes(buf)
 
     def read_into(lba: int, buf: bytearray | memoryview) -> None:
-        """Copy the block into a writable buffer of exactly bsize bytes (no allocation)."""
+        """Copy the block into a writable buffer of exactly bsize bytes (a bytearray, or,
+        fastest, a memoryview of one made once and reused)."""
         # RloadPreCycle. The table view checks the LBA as it indexes (IndexError past the end,
         # TypeError for a non-integer): only a negative LBA needs a test of its own.
         try:
@@ -827,12 +828,16 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
         if lane_next[pre & lane_mask] == pre:
             persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
-        # first copy the source into a temporary bytearray). A buffer of the wrong size makes
-        # the assignment raise ValueError: that is the length check.
+        # first copy the source into a temporary bytearray; a view the caller made once is used
+        # as it is). A buffer of the wrong size makes the assignment raise ValueError: that is
+        # the length check.
         try:
             if pba < flag_unused:
                 off = (pba + block0) * bsize
-                memoryview(buf)[:] = visible[off : off + bsize]
+                if type(buf) is memoryview:
+                    buf[:] = visible[off : off + bsize]
+                else:
+                    memoryview(buf)[:] = visible[off : off + bsize]
             elif pba & flag_zero:
                 memoryview(buf)[:] = zero_block
             else:

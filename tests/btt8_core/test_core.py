@@ -388,3 +388,15 @@ def test_lba_may_be_any_integer_type(mem_pool: Pool) -> None:
     assert buf == mem_pool.read(1)
     mem_pool.set_zero(Index())  # type: ignore[arg-type]
     assert mem_pool.read(5) == bytes(512)
+
+
+def test_read_into_a_reused_memoryview(mem_pool: Pool) -> None:
+    mem_pool.write(4, block(4))
+    buf = bytearray(512)
+    view = memoryview(buf)
+    for lba in (4, 5, 4):
+        mem_pool.read_into(lba, view)
+        assert buf == mem_pool.read(lba)
+    with pytest.raises(btt8.Btt8Error) as info:
+        mem_pool.read_into(4, view[:511])
+    assert info.value.errno == errno.EINVAL
