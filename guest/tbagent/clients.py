@@ -46,7 +46,6 @@ FIO_TRIGGER = f"{FIO_DIR}/trigger"
 FIO_FIRED = f"{FIO_DIR}/fired"
 FIO_TRIGGER_CMD = f"touch {FIO_FIRED}"
 FIO_JOB = "tb"
-FIO_IODEPTH = 8
 EXT4_MOUNT = "/mnt/tb-ext4"
 EXT4_MAX_FILE = 48 * 1024
 TAIL = 2000
@@ -90,8 +89,15 @@ def fio_job(config: dict[str, Any], verify: bool) -> list[str]:
     bsize = target["bsize"]
     per_job = config["lbas"] // threads * bsize
     seed = random.Random(f"{config['seed']}:fio:{config['epoch']}").getrandbits(48)
+    # Queue depth 1 per job (concurrency comes from the `threads` jobs): fio 3.33's saved state
+    # holds the number of writes issued and the last `depth` completions, and its verify
+    # assumes every write older than the last `depth` issued had completed. Through NBD (two
+    # connections, nbdkit threads) writes complete out of order, so at a deeper queue an older
+    # write still in flight at the trigger would be verified and read back as a false bad
+    # block. At depth 1 the one write that can be in flight is the last issued. (Later fio
+    # versions record the in-flight writes themselves.)
     argv = ["fio", f"--name={FIO_JOB}", f"--filename={target['path']}", "--direct=1",
-            "--ioengine=libaio", f"--iodepth={FIO_IODEPTH}", "--rw=randwrite", f"--bs={bsize}",
+            "--ioengine=psync", "--iodepth=1", "--rw=randwrite", f"--bs={bsize}",
             f"--size={per_job}", f"--offset_increment={per_job}", f"--numjobs={threads}",
             f"--randseed={seed}", "--verify=crc32c", "--output-format=json"]
     if verify:
