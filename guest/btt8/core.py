@@ -442,13 +442,27 @@ _BAD_FLAG_BYTE = bytes(0 if b in (0x00, 0x40, 0x80, 0xC0) else 1 for b in range(
 _MARKS = b"\x01" * _SCAN_CHUNK
 
 
-@functools.lru_cache(maxsize=4)
-def _ramp(chunk: int) -> tuple[int, int, memoryview]:
-    """u32 little-endian words 0, 1, ..., chunk-1 and 1, 1, ..., 1 as big ints, and chunk
-    zero u64 words."""
-    return (int.from_bytes(array("I", range(chunk)).tobytes(), "little"),
-            int.from_bytes(array("I", [1]) * chunk, "little"),
-            memoryview(bytes(8 * chunk)).cast("Q"))
+_ramp_cache: list[memoryview] = []
+
+
+def _ramp(length: int) -> memoryview:
+    """The u32 words 0, 1, ..., length-1 (at least), as a view; kept for later opens. Built
+    from its byte planes (byte k of word i is i >> 8k & 0xFF: runs of 256**k equal bytes), four
+    step-slice stores, rather than by iterating a range."""
+    if _ramp_cache and len(_ramp_cache[0]) >= length:
+        return _ramp_cache[0]
+    words = bytearray(4 * length)
+    for k in range(4):
+        run = 1 << 8 * k
+        if run <= 256:  # a cycle of 256 runs, repeated
+            cycle = b"".join(bytes([v]) * run for v in range(256))
+            plane = cycle * -(-length // len(cycle))
+        else:  # at most length / 65536 runs: join them
+            plane = b"".join(bytes([v & 0xFF]) * min(run, length - v * run)
+                             for v in range(-(-length // run)))
+        words[k::4] = plane[:length]
+    _ramp_cache[:] = [memoryview(bytes(words)).cast("I")]
+    return _ramp_cache[0]
 
 
 def _describe_map_error(table: _Table, lay: Layout) -> str:
@@ -497,15 +511,15 @@ def _recover(table: _Table, lay: Layout,
     # compare) can be such a run; it is then checked against the expected words
     # start+nfree+0, +1, ... (one big int, ramp + base * ones: no nblocks-long array).
     chunk = _SCAN_CHUNK if nblocks >= 64 * _SCAN_CHUNK else _SCAN_CHUNK // 4
-    ramp, ones, zeros = _ramp(chunk)
+    zeros = memoryview(bytes(8 * chunk)).cast("Q")
+    ramp: memoryview | None = None  # i at index i: the identity map is ramp[nfree:]
     cycles = table.words("Q", 0, 2)
     try:
         for start in range(0, nblocks, chunk):
             end = min(start + chunk, nblocks)
             run = pbas[start:end]
-            if (cycles[start:end] == zeros[:end - start] and run == memoryview(
-                    (ramp + (start + nfree) * ones).to_bytes(4 * chunk, "little")
-                    ).cast("I")[:end - start]):
+            if cycles[start:end] == zeros[:end - start] and run == (
+                    ramp or (ramp := _ramp(tblocks)))[start + nfree:end + nfree]:
                 used[start + nfree:end + nfree] = _MARKS[:end - start]
             else:
                 # C-level loop; operator.setitem is a fast builtin call (a bound

@@ -173,3 +173,15 @@ def test_check_is_read_only_and_raises_on_corruption(tmp_path: Path) -> None:
     with pytest.raises(CorruptionError, match="PBA 4098 is mapped by both LBA 1 and LBA 2"):
         btt8.check(str(path))
     assert sha(path) == before
+
+
+def test_identity_ramp_is_the_integers() -> None:
+    from btt8 import core
+
+    core._ramp_cache.clear()
+    assert core._ramp(300).tolist() == list(range(300))
+    big = core._ramp((1 << 24) + 70000)  # runs of equal bytes 256, 65536 and 2**24 long
+    for i in (0, 255, 256, 65535, 65536, 65537, (1 << 24) - 1, 1 << 24, (1 << 24) + 69999):
+        assert big[i] == i
+    assert core._ramp(1000) is big  # kept for later opens
+    core._ramp_cache.clear()
