@@ -527,7 +527,16 @@ def _recover(table: _Table, lay: Layout,
                 deque(map(operator.setitem, repeat(used), run, repeat(1)), maxlen=0)
     except IndexError:
         raise CorruptionError(_describe_map_error(table, lay), path) from None
-    free = list(map(re.Match.start, _BYTE_RE[0].finditer(used)))
+    free: list[int] = []
+    if used.count(b"\x00\x01") < 64:  # few runs of free blocks (a fresh or lightly used pool)
+        start = used.find(0)
+        while start >= 0:  # each run's ends by memchr, its PBAs by one C-level extend
+            end = used.find(1, start)
+            end = tblocks if end < 0 else end
+            free += range(start, end)
+            start = used.find(0, end)
+    else:
+        free = list(map(re.Match.start, _BYTE_RE[0].finditer(used)))
     if len(free) != nfree:
         detail = _describe_map_error(table, lay)
         raise CorruptionError(f"found {len(free)} free blocks, expected {nfree}: {detail}",

@@ -185,3 +185,15 @@ def test_identity_ramp_is_the_integers() -> None:
         assert big[i] == i
     assert core._ramp(1000) is big  # kept for later opens
     core._ramp_cache.clear()
+
+
+@pytest.mark.parametrize("shift", [0, 1000, LAY.nfree])  # free PBAs last, split, first
+def test_free_blocks_in_runs_match_reference(shift: int) -> None:
+    """Few runs of free PBAs (recover finds each run's ends with memchr): LBA i -> PBA
+    (i + shift) mod tblocks, skipping nothing, so the free PBAs are one run (or two, wrapped)."""
+    table = bytearray(LAY.nblocks * ENTRY_SIZE)
+    for lba in range(LAY.nblocks):
+        struct.pack_into("<QQ", table, lba * ENTRY_SIZE, 0, (lba + shift) % LAY.tblocks)
+    assert_same(table)
+    free, _ = recover(bytes(table), LAY)
+    assert free == sorted((LAY.nblocks + shift + i) % LAY.tblocks for i in range(LAY.nfree))
