@@ -153,14 +153,21 @@ def interpreter() -> dict[str, object]:
 
 
 def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
-       seed: int, read_buffer: str = "memoryview") -> dict[str, dict[str, float]]:
+       seed: int, read_buffer: str = "memoryview",
+       interleave: int = 0) -> dict[str, dict[str, float]]:
     """Random writes then reads of the same LBAs with the same buffers, BTT8 then libpmemblk,
     in one process. Pools live in `directory` (tmpfs: /dev/shm) and are removed afterwards.
 
     Each library gets its cheapest handle to the one read buffer, made once before the timed
     loop: libpmemblk the buffer's address (as before), BTT8's read_into a memoryview of it
     (read_buffer "bytearray" passes the bytearray itself: read_into then makes the view on
-    every call, ~50 ns more per read here)."""
+    every call, ~50 ns more per read here).
+
+    interleave N (with compare): both pools open at once, and each pass alternates slices of N
+    operations between the libraries (same LBAs, same order), so that a busy host's slow
+    patches fall on both alike; each library's rate is its ops over the sum of its slices."""
+    if interleave and compare == "libpmemblk":
+        return _io_interleaved(bsize, pool_mib, ops, directory, seed, read_buffer, interleave)
     # Both libraries persist with cache flushes, as they would on real pmem; libpmem reads this
     # when it loads, so it must be set before either library is first used.
     os.environ["PMEM_IS_PMEM_FORCE"] = "1"
@@ -200,6 +207,62 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
         finally:
             _unlink(blk_path)
     return results
+
+
+def _io_interleaved(bsize: int, pool_mib: int, ops: int, directory: str, seed: int,
+                    read_buffer: str, slice_ops: int) -> dict[str, dict[str, float]]:
+    os.environ["PMEM_IS_PMEM_FORCE"] = "1"
+    poolsize = pool_mib << 20
+    wbuf = os.urandom(bsize)
+    rbuf, blk_rbuf = bytearray(bsize), bytearray(bsize)
+    stem = os.path.join(directory, f"btt8-bench-{os.getpid()}")
+    btt8_path, blk_path = stem + ".btt8", stem + ".pmemblk"
+    try:
+        core.create(btt8_path, bsize, poolsize).close()
+        PmemBlk.create(blk_path, bsize, poolsize).close()
+        start = time.perf_counter()
+        pool = core.open(btt8_path, bsize)
+        open_s = time.perf_counter() - start
+        start = time.perf_counter()
+        blk = PmemBlk.open(blk_path, bsize)
+        blk_open_s = time.perf_counter() - start
+        rng = random.Random(seed)
+        lbas = [rng.randrange(min(pool.nblock, blk.nblock)) for _ in range(ops)]
+        slices = [lbas[i:i + slice_ops] for i in range(0, ops, slice_ops)]
+        target = memoryview(rbuf) if read_buffer == "memoryview" else rbuf
+        handle, blk_write, blk_read = blk.handle, blk.write_raw, blk.read_raw
+        rptr = ctypes.addressof((ctypes.c_char * bsize).from_buffer(blk_rbuf))
+        write, read = pool.write, pool.read_into
+        clock = time.perf_counter
+        times = [0.0, 0.0, 0.0, 0.0]  # btt8 write, pmemblk write, btt8 read, pmemblk read
+        for part in slices:
+            start = clock()
+            for lba in part:
+                write(lba, wbuf)
+            mid = clock()
+            for lba in part:
+                blk_write(handle, wbuf, lba)
+            times[0] += mid - start
+            times[1] += clock() - mid
+        for part in slices:
+            start = clock()
+            for lba in part:
+                read(lba, target)
+            mid = clock()
+            for lba in part:
+                blk_read(handle, rptr, lba)
+            times[2] += mid - start
+            times[3] += clock() - mid
+        if isinstance(target, memoryview):
+            target.release()
+        results = {"btt8": _rates(lbas, times[0], times[2], wbuf, rbuf, open_s),
+                   "libpmemblk": _rates(lbas, times[1], times[3], wbuf, blk_rbuf, blk_open_s)}
+        pool.close()
+        blk.close()
+        return results
+    finally:
+        _unlink(btt8_path)
+        _unlink(blk_path)
 
 
 def _run_io(write: Callable, read: Callable, lbas: list[int], wbuf: bytes, rbuf: bytearray,

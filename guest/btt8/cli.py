@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-buffer", choices=["memoryview", "bytearray"], default="memoryview",
                    help="what BTT8's read_into gets: a view of the buffer made once (as "
                         "libpmemblk gets its address once), or the bytearray itself")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="with --compare: alternate slices of N ops between the libraries "
+                        "(both pools open; a busy host's slow patches hit both alike)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -119,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
                      sys.stdout, sys.stderr)
     else:
         results = bench.io(args.bsize, args.pool_mib, args.ops, args.compare, args.dir,
-                           args.seed, args.read_buffer)
+                           args.seed, args.read_buffer, args.interleave)
         if "libpmemblk" in results:
             mine, theirs = results["btt8"], results["libpmemblk"]
             results["ratio"] = {

@@ -92,3 +92,14 @@ def test_bench_io_read_buffer_choices(tmp_path: Path) -> None:
                       "--read-buffer", choice, "--dir", str(tmp_path))
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["btt8"]["read_ops_per_s"] > 0
+
+
+def test_bench_io_interleaved_reports_both_libraries(tmp_path: Path) -> None:
+    result = btt8("io", "--bsize", "4096", "--pool-mib", "32", "--ops", "300", "--compare",
+                  "libpmemblk", "--interleave", "64", "--json", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for name in ("btt8", "libpmemblk"):
+        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
+    assert set(report["ratio"]) == {"write", "read"}
+    assert list(tmp_path.iterdir()) == []
