@@ -31,12 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def shim_vm(image: image_mod.Image, vm_base: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VM, str]]:
-    """A guest with a 256 MiB devdax namespace and the guest packages deployed."""
-    vm = make_vm(image, vm_base, f"shim{int(time.time() * 1000) % 100000}", nvdimm_mib=256)
+    """A guest with a 64 MiB devdax namespace (small: mkfs and e2fsck through the shim are
+    quick) and the guest packages deployed."""
+    vm = make_vm(image, vm_base, f"shim{int(time.time() * 1000) % 100000}", nvdimm_mib=128)
     try:
         vm.start()
         vm.wait_for_ssh(120)
-        dax = create_namespace(vm, "devdax")
+        dax = create_namespace(vm, "devdax", size=64 << 20)
         Agent(*stage(tmp_path_factory.mktemp("guest"))).deploy(vm)
         yield vm, dax
     finally:
