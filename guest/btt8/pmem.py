@@ -17,9 +17,8 @@ path never runs a Python frame for them):
     visible_words                 visible cast to 'Q': word-indexed 8-byte loads by subscript
                                   (one load each; cheaper than calling load8)
     buffer                        the object under visible (an mmap or a bytearray), for
-                                  loads by step slicing (buffer[a:b:16]: a byte of every table
-                                  entry at C speed, which a strided memoryview is not): open's
-                                  recovery scan. Loads only, like visible
+                                  loads by slicing (a block as bytes in one step from an mmap).
+                                  Loads only, like visible
     load(off, n) -> bytes         copy n bytes out
     load_into(off, buf)           copy len(buf) bytes into a writable buffer
     store(off, data)              copy data in (not persisted)
