@@ -779,6 +779,9 @@ class Pool:
         try:
             newpba = self._lane_free[lane]
             self._swap_mapping(lba, lane, newpba)
+            # The other CPUs of a real machine run on meanwhile; under the GIL (which the
+            # libpmem calls keep) no other thread would ever see this window: yield it.
+            time.sleep(0)
             self._store_persist(self._dataoff + newpba * self.bsize, data)
         finally:
             self._release_lane(lane)
