@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,7 @@ def apply_damage(run_dir: Path, steps: list[tuple[str, str, Any]]) -> None:
 def test_damaged_folders_never_crash_the_report_nor_leak_markup(
     pristine: Path, tmp_path: Path, steps: list[tuple[str, str, Any]]
 ) -> None:
-    box = tmp_path / f"box{abs(hash(str(steps))) % 10**9}"
+    box = Path(tempfile.mkdtemp(prefix="box", dir=tmp_path))  # unique even when replayed
     run_dir = box / "r1"
     shutil.copytree(pristine, run_dir)
     apply_damage(run_dir, steps)
