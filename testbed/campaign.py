@@ -5,7 +5,7 @@ The first boot creates the target's namespace and formats it; then each cut roun
 workload, cuts the power when the trigger fires, restarts the machine (testbed.restart),
 recovers and dumps the target, and judges the round (testbed.oracle). What is specific to a
 target lives in its driver (testbed.targets), what is specific to a cut mode in its restart
-strategy.
+strategy. `--jobs N` runs N chains of rounds at once, each on its own guest and media.
 
 Acks stream from the guest agent through a virtio-serial port whose host side is a plain file:
 a blocking write to the port returns only after QEMU took the bytes, so an event the guest got
@@ -17,44 +17,55 @@ else went wrong (one line says what and where; summary.json says `failed` with t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from testbed import accel as accel_mod
 from testbed import events as events_mod
 from testbed import image as image_mod
-from testbed import oracle
+from testbed import oracle, snapshot
+from testbed import targets as targets_mod
+from testbed.channel import AgentChannel
 from testbed.clients import make_client
 from testbed.guest_agent import Agent, Background, stage
 from testbed.nvdimm import MiB, NvdimmSpec
 from testbed.report import publish
-from testbed.restart import RESTARTS, Machine
+from testbed.restart import RESTARTS, Machine, Restart, SnapshotRestart
 from testbed.results import (
     CONSOLE_LOG,
     EVENTS,
     QMP_LOG,
     RECOVERY,
     RunResults,
+    Shard,
     describe_failure,
     progress_line,
     write_json_atomic,
 )
 from testbed.scenario import Scenario, load_scenario
-from testbed.targets import TargetUnrecoverable, make_target
+from testbed.targets import Target, TargetUnrecoverable, make_target
 from testbed.vm import VM, SerialPort, qemu_version
 
 EVENTS_PORT = "tb.events"
 EVENTS_DEVICE = f"/dev/virtio-ports/{EVENTS_PORT}"
+AGENT_PORT = "tb.agent"  # the resident agent's requests and answers
+AGENT_DEVICE = f"/dev/virtio-ports/{AGENT_PORT}"
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +93,49 @@ class Phases:
 
 
 @dataclass
+class Chain:
+    """One chain of cut rounds: its own guest, NVDIMM backing file, root overlay and per-thread
+    op offsets, running its share of the cut numbers in order (each round starts from the
+    media the chain's previous round left)."""
+
+    index: int
+    cuts: list[int]
+    work: Path
+    nvdimm: NvdimmSpec
+    target: Target
+    restart: Restart
+    resume: list[int]  # next op index per workload thread, across rounds
+    initial: dict[int, oracle.Decoded] = field(default_factory=dict)  # the last recovery's
+    machine: Machine | None = None  # the guest running now, whatever phase fails
+    where: str = "start"  # for the failure message: "setup", "cut 3 recover", ...
+    last_cut: int = 0  # the last finished round (its folder gets the final logs)
+    stopped: bool = False  # a cut left the target unrecoverable and the scenario says stop
+
+    @property
+    def overlay(self) -> Path:
+        return self.work / "root.qcow2"
+
+
+@dataclass
 class Campaign:
     scenario: Scenario
     scenario_path: Path
     results_root: Path
-    say: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
+    say: Callable[[str], None] = field(default=lambda m: _to_stderr(m))
     # Test-only: environment for guest agent runs (TBAGENT_TEST_FAULT, BTT8_TEST_FAULT break
     # the target or the agent on purpose). Not reachable from the CLI or a scenario file.
     guest_env: dict[str, str] = field(default_factory=dict)
+    shard: Shard | None = None  # run only this deterministic slice of the cuts
+    jobs: int = 1  # chains of rounds at once
 
     def __post_init__(self) -> None:
-        s = self.scenario
-        self.target = make_target(s.target)
-        self.client = make_client(s.target.client)  # what drives the target, how it is judged
-        self.restart = RESTARTS[s.cuts.mode]()
-        self.resume = [0] * s.workload.threads  # next op index per thread, across rounds
-        self.initial: dict[int, oracle.Decoded] = {}  # LBA values the last recovery pinned
+        self.client = make_client(self.scenario.target.client)  # drives and judges the target
         self.started = time.monotonic()
         self.violations = 0
-        self.cuts_done = 0
         self.cut_seconds = 0.0  # spent in finished cut rounds, for the ETA
-        self.stopped = False  # a cut left the target unrecoverable and the scenario says stop
-        self.where = "start"  # for the failure message: "setup", "cut 3 recover", ...
+        self.chains: list[Chain] = []
+        self.lock = threading.Lock()  # results, manifest and counters are shared by chains
+        self.abort = threading.Event()  # a chain failed: the others stop after their round
         self.command_lines: list[list[str]] = []
 
     # --- the run ---
@@ -112,180 +144,304 @@ class Campaign:
         """The campaign; its exit code. Never raises (but KeyboardInterrupt is recorded)."""
         s = self.scenario
         try:
-            results = RunResults.create(self.results_root, s, self.scenario_path, {})
+            results = RunResults.create(self.results_root, s, self.scenario_path, {},
+                                        shard=self.shard)
         except OSError as e:
             self.say(f"testbed: cannot create a run folder under {self.results_root}: {e}")
             return 2
         self.results = results
         self.say(f"run {results.run_dir}")
-        self.work = Path(tempfile.mkdtemp(prefix="testbed-run-"))
-        self.nvdimm = NvdimmSpec(self.work / "nvdimm0.img", s.vm.nvdimm.size_mib * MiB,
-                                 s.vm.nvdimm.label_kib * 1024)
-        self.machine: Machine | None = None  # the guest running now, whatever phase fails
+        # Named after the run: `ps` tells which run a QEMU (whose state lives here) belongs to;
+        # short, since QEMU's unix sockets live below it (a socket path has 107 bytes at most).
+        self.work = Path(tempfile.mkdtemp(prefix=f"testbed-run-{results.run_dir.name[:32]}-"))
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        first = self._chain(0)
         try:
-            run_phases = Phases(on_enter=lambda name: self._progress(0, name))
-            with run_phases("image"):
+            phases = Phases(on_enter=lambda name: self._progress(first, 0, name))
+            with phases("image"):
                 self._update_manifest(qemu_version=qemu_version())
                 self.image = image_mod.build(log=self.say)
                 self.agent = Agent(*stage(self.work / "guest"), env=self.guest_env)
                 self._update_manifest(guest_package_sha256=self.agent.content_hash)
-            with run_phases("first boot"):
-                self.machine = self._boot(0)
-            with run_phases("setup"):
-                self._setup(self.machine)
-            for name, seconds in run_phases.seconds.items():
-                results.record_phase(name, seconds)
-            for cut in range(1, s.cuts.count + 1):
-                self._cut_round(cut, self.machine)
-                if self.stopped:
-                    break
-            with run_phases("shutdown"):
-                self._save_logs(self.machine, results.cut_dir(self.cuts_done), "recovery-")
-                self.machine.vm.shutdown(timeout=10)
+            results.record_phase("image", phases.seconds["image"])
+            self.cache = self._snapshot_cache(first.restart)
+            # The first chain sets up (and fills the snapshot cache) before the others start.
+            self._start(first)
+            self.chains = [first] + [self._chain(j) for j in range(1, self.jobs)]
+            workers = [threading.Thread(target=self._chain_main, args=(chain,),
+                                        name=f"chain-{chain.index}", daemon=True)
+                       for chain in self.chains[1:]]
+            for worker in workers:
+                worker.start()
+            self._rounds(first)
+            for worker in workers:
+                worker.join()
         except KeyboardInterrupt:
+            self.abort.set()
             results.record_failure("interrupted")
         except Exception as e:
-            summary, detail = describe_failure(self.where, e)
-            results.record_failure(summary, detail)
-            self.say(f"testbed: {summary}" + (f" (details: {results.run_dir / 'failure.txt'})"
-                                              if detail else ""))
-            log.debug("failure", exc_info=True)
+            self._fail(first, e)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if self.machine is not None:
-                self.machine.vm.cleanup()  # never leave a QEMU behind, whatever happened
+            self.abort.set()
+            for chain in self.chains or [first]:
+                if chain.machine is not None:
+                    chain.machine.vm.cleanup()  # never leave a QEMU behind, whatever happened
             shutil.rmtree(self.work, ignore_errors=True)
             self._update_manifest()  # every boot's QEMU command line
         code = results.finish()
         publish(results.run_dir)
         done = results.summary()
-        self.say(f"{done['status']}: {done['cuts']}/{s.cuts.count} cuts done, "
+        self.say(f"{done['status']}: {done['cuts']}/{done['cuts_planned']} cuts done, "
                  f"{done['cuts_with_violations']} with violations"
                  f"{' ' + json.dumps(done['violations']) if done['violations'] else ''}, "
                  f"{done['cuts_per_min']} cuts/min -> {results.run_dir / 'report.html'}")
         return code
 
-    def _cut_round(self, cut: int, machine: Machine) -> None:
-        """Workload round `cut` on `machine`, the cut, the restart, recovery, the verdict;
-        self.machine is the guest that comes back."""
+    def _chain(self, j: int) -> Chain:
+        """Chain j takes every jobs-th of this run's cuts."""
+        s = self.scenario
+        work = self.work / f"chain-{j + 1}"
+        work.mkdir()
+        return Chain(j + 1, self.results.planned[j::self.jobs], work,
+                     NvdimmSpec(work / "nvdimm0.img", s.vm.nvdimm.size_mib * MiB,
+                                s.vm.nvdimm.label_kib * 1024),
+                     make_target(s.target), RESTARTS[s.cuts.restart](),
+                     [0] * s.workload.threads)
+
+    def _chain_main(self, chain: Chain) -> None:
+        """A chain of its own thread: a failure is recorded and stops the others."""
+        try:
+            self._start(chain)
+            self._rounds(chain)
+        except Exception as e:
+            self._fail(chain, e)
+
+    def _start(self, chain: Chain) -> None:
+        """The chain's first guest: restored from a cached snapshot of this exact setup, or
+        booted and set up (which fills the cache when the restart strategy snapshots)."""
+        phases = Phases(on_enter=lambda name: self._progress(chain, 0, name))
+        facts = self.cache.facts() if self.cache is not None else None
+        if self.cache is not None and facts is not None:
+            with phases("snapshot load"):
+                self.cache.install(chain.overlay, chain.nvdimm.backing)
+                chain.machine = self._boot(chain, 0, restore=True)
+                chain.target.device = facts["device"]
+                chain.target.attach(chain.machine.agent)
+                self._update_manifest(**facts, snapshot=str(self.cache.dir))
+        else:
+            with phases("first boot"):
+                chain.machine = self._boot(chain, 0)
+            with phases("setup"):
+                self._setup(chain)
+        with self.lock:
+            for name, seconds in phases.seconds.items():
+                self.results.record_phase(name, seconds)
+
+    def _rounds(self, chain: Chain) -> None:
+        for cut in chain.cuts:
+            if self.abort.is_set() or chain.stopped:
+                return
+            self._cut_round(chain, cut)
+        assert chain.machine is not None
+        with Phases(on_enter=lambda name: self._progress(chain, 0, name))("shutdown"):
+            self._save_logs(chain.machine, self.results.cut_dir(chain.last_cut), "recovery-")
+            chain.machine.vm.shutdown(timeout=10)
+        chain.machine = None
+
+    def _fail(self, chain: Chain, error: Exception) -> None:
+        """A testbed failure in `chain`: one line, details to failure.txt, the others stop."""
+        self.abort.set()
+        summary, detail = describe_failure(chain.where, error)
+        if self.jobs > 1:
+            summary = f"chain {chain.index} {summary}"
+        with self.lock:
+            first = self.results.failure is None
+            if first:
+                self.results.record_failure(summary, detail)
+        self.say(f"testbed: {summary}" + (f" (details: {self.results.run_dir / 'failure.txt'})"
+                                          if detail and first else ""))
+        log.debug("failure", exc_info=True)
+
+    def _cut_round(self, chain: Chain, cut: int) -> None:
+        """Workload round `cut` on the chain's guest, the cut, the restart, recovery, the
+        verdict; chain.machine is the guest that comes back."""
         s, results, cut_dir = self.scenario, self.results, self.results.cut_dir(cut)
-        phases = Phases(on_enter=lambda name: self._progress(cut, name))
-        config = s.workload_config(self.target.agent_target(), EVENTS_DEVICE, cut, self.resume)
-        crash_image = self.work / "crash.img"
+        machine, target = chain.machine, chain.target
+        assert machine is not None
+        phases = Phases(on_enter=lambda name: self._progress(chain, cut, name))
+        config = s.workload_config(target.agent_target(), EVENTS_DEVICE, cut, chain.resume)
+        crash_image = chain.work / "crash.img"
         with phases("workload"):
-            runner = self.agent.start(machine.vm, "workload", config, s.timeouts.workload_s + 30)
+            runner = self.agent.start(machine.agent, "workload", config,
+                                      s.timeouts.workload_s + 30)
             cut_at_s = self._wait_trigger(machine, cut, runner)
             self.client.before_cut(machine, cut)
         with phases("cut"):
-            self.restart.cut(machine, self.nvdimm.backing, crash_image)
+            chain.restart.cut(machine, chain.nvdimm.backing, crash_image)
+            machine.agent.cancel_pending()  # the workload's request: its guest is gone
             runner.join(10)
-            events_mod.save_round(machine.events, cut, cut_dir / EVENTS)
+            round_end = events_mod.save_round(machine.events, machine.round_start,
+                                              cut_dir / EVENTS)
+            machine.next_round(round_end)
             self._save_logs(machine, cut_dir, "")
-        with phases("boot"):
-            self.machine = machine = self.restart.restart(machine, lambda: self._boot(cut),
-                                                          s.timeouts.boot_s)
+        with phases(chain.restart.phase):
+            chain.machine = machine = chain.restart.restart(
+                machine, lambda restore: self._boot(chain, cut, restore), s.timeouts.boot_s)
+            self._agent_up(machine)
         with phases("recover"):
-            recovery = self._recover(machine.vm)
+            recovery = self._recover(chain)
             write_json_atomic(cut_dir / RECOVERY, recovery)
+        # The agent times its read-only btt8 check inside recover-and-dump: its own phase.
+        check_s = min(float(recovery.pop("check_s", 0.0)), phases.seconds["recover"])
+        phases.seconds["recover"] -= check_s
+        phases.seconds["check"] = check_s
         with phases("judge"):
             events = events_mod.read(cut_dir / EVENTS)
-            verdict = self.client.judge(config, events, recovery, self.initial)
-            self.resume = oracle.next_resume(events, config["resume"])
-        results.record_cut(cut, verdict.to_json(), phases.seconds, crash_image=crash_image,
-                           cut_at_s=cut_at_s)
-        publish(results.run_dir)
+            verdict = self.client.judge(config, events, recovery, chain.initial)
+            chain.resume = oracle.next_resume(events, config["resume"])
+        with self.lock:
+            results.record_cut(cut, verdict.to_json(), phases.seconds, crash_image=crash_image,
+                               cut_at_s=cut_at_s, worker=chain.index)
+            publish(results.run_dir)
+            self.cut_seconds += sum(phases.seconds.values())
+            self.violations += sum(verdict.counts().values())
         crash_image.unlink()
-        self.cuts_done = cut
-        self.cut_seconds += sum(phases.seconds.values())
+        chain.last_cut = cut
         counts = verdict.counts()
-        self.violations += sum(counts.values())
-        self.say(f"cut {cut}: {'ok' if verdict.ok else 'VIOLATIONS ' + json.dumps(counts)}"
+        self.say(f"{self._tag(chain)}cut {cut}: "
+                 f"{'ok' if verdict.ok else 'VIOLATIONS ' + json.dumps(counts)}"
                  f" (cut {cut_at_s:.2f} s into the workload)")
-        self.initial = oracle.initial_state(recovery)
+        chain.initial = oracle.initial_state(recovery)
         if not recovery.get("ok"):
-            self._unrecoverable(cut, machine)
+            self._unrecoverable(chain, cut)
 
-    def _unrecoverable(self, cut: int, machine: Machine) -> None:
+    def _unrecoverable(self, chain: Chain, cut: int) -> None:
         """The target cannot be opened, so no later round can run on it: stop (the default)
         or, if the scenario asks, reformat it and go on from all-zero blocks."""
+        assert chain.machine is not None
         if self.scenario.cuts.on_unrecoverable == "reformat":
-            self.where = f"cut {cut} reformat"
-            self.say(f"cut {cut}: target unrecoverable; reformatting it "
+            chain.where = f"cut {cut} reformat"
+            self.say(f"{self._tag(chain)}cut {cut}: target unrecoverable; reformatting it "
                      f"(cuts.on_unrecoverable: reformat)")
-            self._format(machine.vm)
-            self.initial = {}
+            self._format(chain, chain.machine.agent)  # attached already, for the recovery
+            chain.initial = {}
             return
         note = (f"campaign stopped after cut {cut}: the target is unrecoverable "
                 f"(cuts.on_unrecoverable: stop)")
-        self.say(note)
-        self.results.record_stop(note)
-        self.stopped = True
+        self.say(f"{self._tag(chain)}{note}")
+        with self.lock:
+            self.results.record_stop(note)
+        chain.stopped = True
 
     # --- phases ---
 
-    def _progress(self, cut: int, phase: str) -> None:
-        self.where = f"cut {cut} {phase}" if cut else phase
-        log.info("phase %s", self.where)
-        elapsed = time.monotonic() - self.started
-        eta = None
-        if self.cuts_done:
-            eta = self.cut_seconds / self.cuts_done * (self.scenario.cuts.count - self.cuts_done)
-        self.say(progress_line(cut, self.scenario.cuts.count, phase, elapsed, self.violations,
-                               eta))
+    def _tag(self, chain: Chain) -> str:
+        return f"[{chain.index}] " if self.jobs > 1 else ""
 
-    def _boot(self, k: int) -> Machine:
-        """Start QEMU on the campaign's NVDIMM backing file; ssh-ready within boot_s."""
+    def _progress(self, chain: Chain, cut: int, phase: str) -> None:
+        chain.where = f"cut {cut} {phase}" if cut else phase
+        log.info("phase %s%s", self._tag(chain), chain.where)
+        elapsed = time.monotonic() - self.started
+        done = len(self.results.cuts)
+        eta = None
+        if done:  # chains run side by side: their finished rounds' time over the jobs
+            eta = self.cut_seconds / done * (len(self.results.planned) - done) / self.jobs
+        self.say(self._tag(chain) + progress_line(cut, self.scenario.cuts.count, phase, elapsed,
+                                                  self.violations, eta))
+
+    def _boot(self, chain: Chain, k: int, restore: bool = False) -> Machine:
+        """Start QEMU on the chain's NVDIMM backing file, booting or (restore) loading the
+        chain's snapshot; its resident agent answering within boot_s."""
         s = self.scenario
-        state_dir = Path(tempfile.mkdtemp(prefix=f"boot{k}-", dir=self.work))
-        events = state_dir / "events.jsonl"
-        vm = VM.from_image(self.image, f"tb-{s.name}-{k}"[:63], state_dir,
+        state_dir = Path(tempfile.mkdtemp(prefix=f"boot{k}-", dir=chain.work))
+        events, agent_socket = state_dir / "events.jsonl", state_dir / "agent.sock"
+        name = f"tb-{s.name}-{chain.index}-{k}" if self.jobs > 1 else f"tb-{s.name}-{k}"
+        vm = VM.from_image(self.image, name[:63], state_dir,
                            memory_mib=s.vm.memory_mib, smp=s.vm.smp, accel=s.vm.accel,
-                           nvdimms=[self.nvdimm], serial_ports=[SerialPort(EVENTS_PORT, events)])
+                           nvdimms=[chain.nvdimm],
+                           serial_ports=[SerialPort(EVENTS_PORT, events),
+                                         SerialPort(AGENT_PORT, agent_socket, socket=True)],
+                           root_overlay=chain.overlay if chain.restart.chain_overlay else None)
+        machine = Machine(vm, events, AgentChannel(agent_socket), fresh=not restore)
         try:
-            vm.start()
-            self.command_lines.append(vm.argv)
-            vm.wait_for_ssh(s.timeouts.boot_s)
+            vm.start(paused=restore)
+            with self.lock:
+                self.command_lines.append(vm.argv)
+            if restore:
+                snapshot.load(vm)  # the snapshot's agent is running, waiting on its port
+            else:
+                vm.wait_for_ssh(s.timeouts.boot_s)
+            self._agent_up(machine)
         except BaseException:
+            machine.agent.close()
             vm.cleanup()
             raise
-        return Machine(vm, events)
+        return machine
 
-    def _setup(self, machine: Machine) -> None:
-        """First boot only: the target's namespace and setup, deploy, format; manifest."""
-        vm = machine.vm
-        device = self.target.create_namespace(vm)
-        self.target.setup(vm)
-        nblock = self._format(vm)
-        self._update_manifest(guest_kernel=vm.succeed("uname", "-r").strip(),
-                              accelerator=vm.accel, device=device, target_nblock=nblock,
-                              image=image_mod.info(self.image))
+    def _agent_up(self, machine: Machine) -> None:
+        """A booted guest gets the packages and its resident agent (over SSH); a restored one
+        has both. Either way the agent's port answers a ping before this returns."""
+        if machine.fresh:
+            self.agent.deploy(machine.vm)
+            self.agent.serve(machine.vm, AGENT_DEVICE)
+            machine.fresh = False
+        machine.agent.connect(self.scenario.timeouts.boot_s)
 
-    def _format(self, vm: VM) -> int:
-        """Attach the target and make every working-set LBA read as zero."""
-        self.target.attach(vm)
-        self.agent.deploy(vm)
+    def _setup(self, chain: Chain) -> None:
+        """First boot only: the target's namespace and setup, format, the restart strategy's
+        preparation (a snapshot, kept in the cache); manifest."""
+        assert chain.machine is not None
+        vm, agent, target = chain.machine.vm, chain.machine.agent, chain.target
+        device = target.create_namespace(vm)
+        target.setup(vm)
+        target.attach(agent)
+        facts = {"guest_kernel": vm.succeed("uname", "-r").strip(), "accelerator": vm.accel,
+                 "device": device, "target_nblock": self._format(chain, agent)}
+        cache = self.cache
+        if cache is not None and isinstance(chain.restart, SnapshotRestart):
+            chain.restart.on_saved = lambda: cache.store(chain.overlay, chain.nvdimm.backing,
+                                                         facts)
+        chain.restart.ready(chain.machine, target)
+        self._update_manifest(**facts, image=image_mod.info(self.image))
+
+    def _snapshot_cache(self, restart: Restart) -> snapshot.Cache | None:
+        """Where a snapshot of this exact setup is kept across runs (snapshot restarts only)."""
+        if not restart.chain_overlay:
+            return None
+        s, img = self.scenario, self.image
+        return snapshot.Cache(snapshot.cache_root(), {
+            "format": 2, "image": img.recipe_hash, "qemu": qemu_version(),
+            "accel": accel_mod.resolve(s.vm.accel, img.kernel, img.initrd),
+            "vm": asdict(s.vm), "target": asdict(s.target), "lbas": s.workload.lbas,
+            "guest_packages": self.agent.content_hash, "guest_env": self.guest_env,
+            "setup_code": _source_hash(targets_mod, snapshot, sys.modules[__name__]),
+        })
+
+    def _format(self, chain: Chain, agent: AgentChannel) -> int:
+        """Make every working-set LBA of the attached target read zero."""
         s = self.scenario
-        result = self.agent.run(vm, "prepare", {"target": self.target.agent_target(),
-                                                "lbas": s.workload.lbas}, s.timeouts.recover_s)
+        result = self.agent.run(agent, "prepare", {"target": chain.target.agent_target(),
+                                                   "lbas": s.workload.lbas}, s.timeouts.recover_s)
         if not result.get("ok"):
             raise CampaignError(f"preparing the target failed: {result}")
         return int(result.get("nblock", 0))
 
-    def _recover(self, vm: VM) -> dict[str, Any]:
+    def _recover(self, chain: Chain) -> dict[str, Any]:
         """recover-and-dump: an open that fails is an `unrecoverable` verdict; one that hangs
         past recover_s raises VMTimeout, a testbed failure (a hung guest and a hung recovery
         look alike from here, and neither is a pass). An attach that refuses the target
         (TargetUnrecoverable) is an `unrecoverable` verdict too."""
+        assert chain.machine is not None
+        agent = chain.machine.agent
         try:
-            self.target.attach(vm)
+            chain.target.attach(agent)
         except TargetUnrecoverable as e:
             return {"ok": False, "error": f"attach: {e}"}
-        self.agent.deploy(vm)
         s = self.scenario
-        config = {"target": self.target.agent_target(), "seed": s.seed, "lbas": s.workload.lbas,
-                  **self.client.recover_config()}
-        return self.agent.run(vm, "recover-and-dump", config, s.timeouts.recover_s)
+        config = {"target": chain.target.agent_target(), "seed": s.seed,
+                  "lbas": s.workload.lbas, **self.client.recover_config()}
+        return self.agent.run(agent, "recover-and-dump", config, s.timeouts.recover_s)
 
     def _wait_trigger(self, machine: Machine, cut: int, runner: Background) -> float:
         """Block until the cut is due; seconds from the round's `start` event to now."""
@@ -325,8 +481,9 @@ class Campaign:
 
     def _update_manifest(self, **facts: Any) -> None:
         path = self.results.run_dir / "manifest.json"
-        write_json_atomic(path, {**json.loads(path.read_text()), **facts,
-                                 "command_lines": self.command_lines})
+        with self.lock:
+            write_json_atomic(path, {**json.loads(path.read_text()), **facts,
+                                     "command_lines": self.command_lines})
 
     def _save_logs(self, machine: Machine, cut_dir: Path, prefix: str) -> None:
         vm = machine.vm
@@ -338,13 +495,41 @@ class Campaign:
                 shutil.copyfile(src, cut_dir / f"{prefix}{name}")
 
 
+
+def _to_stderr(message: str) -> None:
+    """Progress for the user; a closed terminal or pipe (`| head`) must not end the run."""
+    with contextlib.suppress(OSError):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _source_hash(*modules: ModuleType) -> str:
+    """Hash of the code that sets a target up: a cached snapshot of older code is not used."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def default_jobs(memory_mib: int) -> int:
+    """Chains that fit this machine: a TCG guest keeps about two cores busy, and each needs its
+    RAM twice over (guest memory, page cache of its files)."""
+    cores = os.cpu_count() or 1
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    return max(1, min(cores // 2, available // (2 * memory_mib)))
+
+
 def run(scenario_path: str | Path, results_root: str | Path = "results",
-        guest_env: dict[str, str] | None = None) -> int:
-    """Run a campaign; the exit code (0 clean, 1 violations, 2 testbed failure)."""
+        guest_env: dict[str, str] | None = None, shard: Shard | None = None,
+        jobs: int | None = None) -> int:
+    """Run a campaign; the exit code (0 clean, 1 violations, 2 testbed failure). jobs: chains
+    at once (default: what fits the machine), never more than the cuts."""
     path = Path(scenario_path)
     scenario = load_scenario(path)
-    return Campaign(scenario, path, Path(results_root), guest_env=dict(guest_env or {})).run()
+    planned = len((shard or Shard(1, 1)).cuts(scenario.cuts.count))
+    jobs = max(1, min(jobs or default_jobs(scenario.vm.memory_mib), planned))
+    return Campaign(scenario, path, Path(results_root), guest_env=dict(guest_env or {}),
+                    shard=shard, jobs=jobs).run()

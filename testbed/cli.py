@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed import campaign, runtime
+from testbed import campaign, fleet, runtime
 from testbed import image as image_mod
 from testbed.guest_agent import Agent, stage
 from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
 from testbed.report import publish
+from testbed.results import MergeError, Shard, merge
 from testbed.scenario import ScenarioError
 from testbed.ssh import SSHError, plain_ssh_argv
 from testbed.targets import BTT8_BLK_NAME, BTT8CTL
@@ -320,13 +321,49 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return campaign.run(args.scenario, args.results)
+        return campaign.run(args.scenario, args.results, shard=args.shard, jobs=args.jobs)
     except ScenarioError as e:
         _say(f"testbed: {e}")
         return 2
 
 
+def _parse_shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _merge(paths: list[str]) -> int:
+    if len(paths) < 2:
+        _say("testbed report merge: give OUT and at least one shard run folder")
+        return 2
+    out, runs = Path(paths[0]), [Path(p) for p in paths[1:]]
+    for run in runs:
+        if not (run / "summary.json").is_file() or not (run / "scenario.yaml").is_file():
+            _say(f"testbed: {run} is not a run folder (no summary.json or scenario.yaml)")
+            return 2
+    if out.exists():
+        _say(f"testbed: {out} exists; merge writes a new folder")
+        return 2
+    try:
+        merged = merge(out, runs)
+    except (MergeError, ValueError) as e:
+        _say(f"testbed: {e}")
+        return 2
+    publish(out)
+    summary = merged.summary()
+    _say(f"{summary['status']}: {summary['cuts']}/{summary['cuts_planned']} cuts from "
+         f"{len(runs)} folders -> {out / 'report.html'}")
+    return int(summary["exit_code"])
+
+
 def _report(args: argparse.Namespace) -> int:
+    if args.run_dir == "merge":
+        return _merge(args.merge_args)
+    if args.merge_args:
+        _say("testbed report: one RUN_DIR (or: testbed report merge OUT RUN_DIR...)")
+        return 2
     run_dir = Path(args.run_dir)
     if not (run_dir / "summary.json").is_file():
         _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
@@ -349,12 +386,21 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                                    "2 testbed failure)")
     p.add_argument("scenario", help="scenario YAML file, e.g. scenarios/powercut.yaml")
     p.add_argument("--results", default="results", help="where run folders go")
+    p.add_argument("--shard", type=_parse_shard, metavar="I/N",
+                   help="run only cuts I, I+N, I+2N, ... (merge shards with testbed report merge)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="N chains of cuts at once, each on its own guest (default: what the "
+                        "machine's cores and memory fit)")
     p.set_defaults(func=_run)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="re-render report.html and junit.xml of a run folder")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="re-render report.html and junit.xml of a run folder",
+                       description="testbed report RUN_DIR: re-render a run folder's report.html "
+                                   "and junit.xml.  testbed report merge OUT RUN_DIR...: merge "
+                                   "shard folders (testbed run --shard) into one run folder OUT.")
+    p.add_argument("run_dir", help="RUN_DIR, or `merge`")
+    p.add_argument("merge_args", nargs="*", metavar="OUT RUN_DIR...", help=argparse.SUPPRESS)
     p.set_defaults(func=_report)
 
 
@@ -365,9 +411,45 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_replay)
 
 
+def _exec(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    names, cmd = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest \
+        else ([], rest)
+    if args.all:
+        names = runtime.names()
+    if not names or not cmd:
+        _say("testbed exec: give guest names or --all, then -- CMD...")
+        return 2
+    worst = 0
+    for name, result in fleet.run_on(names, cmd, timeout=args.timeout).items():
+        if isinstance(result, Exception):
+            _say(f"[{name}] {type(result).__name__}: {result}")
+            worst = 2
+            continue
+        for line in result.stdout.splitlines():
+            print(f"[{name}] {line}")
+        for line in result.stderr.splitlines():
+            _say(f"[{name}] {line}")
+        if result.exited != 0:
+            _say(f"[{name}] exit status {result.exited}")
+            worst = 2
+    return worst
+
+
+def _add_exec(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("exec", help="run one command on several running guests at once",
+                       description="testbed exec NAME... -- CMD...  |  testbed exec --all -- "
+                                   "CMD...: each output line prefixed with [NAME]; exit 2 if "
+                                   "any guest failed or the command failed on any guest.")
+    p.add_argument("--all", action="store_true", help="every running guest")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per guest")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="NAME... -- CMD...")
+    p.set_defaults(func=_exec)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_run, _add_report, _add_replay,
-    _add_up, _add_ssh, _add_status, _add_down, _add_image, _add_bench,
+    _add_up, _add_ssh, _add_exec, _add_status, _add_down, _add_image, _add_bench,
 ]
 
 
@@ -396,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("testbed: interrupted")
         return 2
-    except (VMError, SSHError, image_mod.ImageError, NvdimmError, NdctlError, OSError) as e:
+    except (VMError, SSHError, fleet.FleetError, image_mod.ImageError, NvdimmError, NdctlError,
+            OSError) as e:
         _say(f"testbed: {e}")
         log.debug("traceback", exc_info=True)
         return 2

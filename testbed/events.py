@@ -10,6 +10,7 @@ EventStreamError (a testbed failure), never silently dropped.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,11 @@ def read(path: str | Path) -> list[Event]:
 
 
 class Tail:
-    """Reads the complete lines appended to a file since the previous call."""
+    """Reads the complete lines appended to a file since the previous call (from `offset`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = path
-        self.offset = 0
+        self.offset = offset
         self.lines = 0
 
     def new(self) -> list[Event]:
@@ -72,22 +73,13 @@ class Tail:
         return events
 
 
-def save_round(src: Path, epoch: int, dst: Path) -> None:
-    """Copy round `epoch`'s lines of `src` to `dst` (with cut mode reset one file spans every
-    round); a line that is not a JSON object is kept as evidence: readers skip it as the cut's
-    truncation if it is the last one, without its newline, and report it as corruption
-    otherwise."""
-    data = src.read_bytes() if src.exists() else b""
-    lines = [line + b"\n" for line in data.split(b"\n")]
-    lines[-1] = lines[-1][:-1]  # what follows the last newline: b"" or a truncated line
-    keep = []
-    for line in lines:
-        if not line:
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict) or event.get("epoch") == epoch:
-            keep.append(line)
-    dst.write_bytes(b"".join(keep))
+def save_round(src: Path, start: int, dst: Path) -> int:
+    """Copy the round's part of `src`, the bytes from `start` to its end now (the power is off:
+    nothing more comes), to `dst`; return that end, where the next round on the same port
+    begins. Split by position, not by line: with restart `reset` one file spans every round,
+    and a line the cut truncated is followed directly by the next round's first line."""
+    with open(src, "rb") if src.exists() else open(os.devnull, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    dst.write_bytes(data)
+    return start + len(data)

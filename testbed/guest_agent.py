@@ -1,20 +1,21 @@
-"""The host side of the guest agent: stage and deploy guest/{btt8,tbagent}, run its commands.
+"""The host side of the guest agent: stage and deploy guest/{btt8,tbagent}, start the resident
+agent (guest/tbagent/serve.py) once per boot, run its commands over its port (testbed.channel).
 
-Each command takes one JSON object on stdin and prints one JSON object on stdout (see
-guest/tbagent/__main__.py); scenario values reach the guest only that way, never in a shell
-string.
+Each command takes one JSON object and answers one JSON object; scenario values reach the
+guest only that way, never in a shell string.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed.vm import VM, CommandFailed
+from testbed.channel import AgentChannel
+from testbed.vm import VM
 
 GUEST_ROOT = "/opt/testbed"  # deployed guest packages (btt8, tbagent); PYTHONPATH there
 GUEST_PACKAGES = Path(__file__).resolve().parent.parent / "guest"
@@ -63,43 +64,39 @@ class Agent:
         env = [f"{k}={v}" for k, v in sorted({"PYTHONPATH": GUEST_ROOT, **self.env}.items())]
         return ["env", *env, "python3", "-m", "tbagent", command]
 
-    def run(self, vm: VM, command: str, config: dict[str, Any],
+    def serve(self, vm: VM, port_device: str) -> None:
+        """Start the resident agent on the guest's control port (once per boot, over SSH)."""
+        vm.succeed(*self.argv("serve"), port_device, "--detach", timeout=60)
+
+    def run(self, channel: AgentChannel, command: str, config: dict[str, Any],
             timeout: float) -> dict[str, Any]:
         """One agent command to completion; its JSON answer. A timeout raises VMTimeout."""
-        r = vm.execute(*self.argv(command), timeout=timeout, stdin=json.dumps(config).encode())
-        if r.rc != 0:
-            raise CommandFailed(f"guest agent {command} failed", r)
-        try:
-            answer = json.loads(r.stdout)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise AgentError(f"guest agent {command} printed no JSON object: "
-                             f"{r.stdout[-300:]!r} (stderr: {r.stderr[-300:]!r})")
-        return answer
+        answer = channel.call({"cmd": command, "config": config}, timeout)
+        if "error" in answer or not isinstance(answer.get("result"), dict):
+            raise AgentError(f"guest agent {command} failed: "
+                             f"{str(answer.get('error', answer))[-2000:]}")
+        return answer["result"]
 
-    def start(self, vm: VM, command: str, config: dict[str, Any],
+    def start(self, channel: AgentChannel, command: str, config: dict[str, Any],
               timeout: float) -> Background:
-        return Background(vm, self.argv(command), config, timeout)
+        """An agent command on its own thread (the workload: it ends when the power does)."""
+        return Background(lambda: self.run(channel, command, config, timeout))
 
 
 class Background:
-    """An agent command on its own thread (the workload: it ends when the power does)."""
+    """A call on its own thread; `finished` once it returned or raised (`error`)."""
 
-    def __init__(self, vm: VM, argv: list[str], config: dict[str, Any], timeout: float) -> None:
+    def __init__(self, call: Callable[[], Any]) -> None:
         self.error: str | None = None
         self.finished = False
-        self._thread = threading.Thread(
-            target=self._run, args=(vm, argv, json.dumps(config).encode(), timeout),
-            name="workload", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(call,), name="workload",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, vm: VM, argv: list[str], stdin: bytes, timeout: float) -> None:
+    def _run(self, call: Callable[[], Any]) -> None:
         try:
-            r = vm.execute(*argv, timeout=timeout, stdin=stdin)
-            if r.rc != 0:
-                self.error = f"rc {r.rc}: {r.stderr[-2000:]}"
-        except Exception as e:  # the cut drops the connection: expected, judged elsewhere
+            call()
+        except Exception as e:  # the cut closes the port: expected, judged elsewhere
             self.error = f"{type(e).__name__}: {e}"
         finally:
             self.finished = True

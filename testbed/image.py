@@ -7,6 +7,7 @@ goes to a temporary sibling directory and is renamed into place only when comple
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -129,12 +130,22 @@ def build(
     image = current(recipe)
     if image.complete() and not force:
         return image
+    image.dir.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per recipe: a second run waits and then uses the first one's image,
+    # so an image (and the keys a running guest is pinned to) is never replaced under it.
+    with open(image.dir.with_name(f"{image.dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if image.complete() and not force:
+            return image
+        return _build_locked(image, recipe, log)
+
+
+def _build_locked(image: Image, recipe: Path, log: Callable[[str], None]) -> Image:
     if os.geteuid() != 0:
         raise ImageError("building the guest image needs root (mmdebstrap --mode=root)")
     for tool in ("mmdebstrap", "mkfs.ext4", "cpio", "depmod"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             raise ImageError(f"building the guest image needs {tool} (run bin/bootstrap)")
-    image.dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = image.dir.with_name(f"{image.dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

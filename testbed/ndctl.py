@@ -77,5 +77,16 @@ def create_namespace(guest: Guest, mode: str, region: str = "region0",
     return device_path(json.loads(guest.succeed(*argv, timeout=120)))
 
 
+def enable_namespaces(guest: Guest, region: str = "region0") -> None:
+    """Enable every namespace of the region (a no-op for enabled ones)."""
+    guest.succeed("ndctl", "enable-namespace", "all", "-r", region, timeout=120)
+
+
+def disable_namespaces(guest: Guest, region: str = "region0") -> None:
+    """Disable every namespace of the region: its driver (BTT, pmem, device-dax) lets go of the
+    media and keeps no state of it in guest RAM. Idempotent."""
+    guest.succeed("ndctl", "disable-namespace", "all", "-r", region, timeout=120)
+
+
 def destroy_namespaces(guest: Guest, region: str = "region0") -> None:
     guest.succeed("ndctl", "destroy-namespace", "all", "-r", region, "-f")

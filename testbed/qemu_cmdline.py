@@ -29,11 +29,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SerialPort:
-    """A virtio-serial port: the guest writes /dev/virtio-ports/<name>, the host reads `path`
-    (a `-chardev file`, appended live as the guest writes)."""
+    """A virtio-serial port, /dev/virtio-ports/<name> in the guest. Host side: `path` is a
+    file QEMU appends to as the guest writes, or with `socket` a unix socket QEMU serves (both
+    ways; the host connects when it likes)."""
 
     name: str
     path: Path
+    socket: bool = False
 
 
 @dataclass
@@ -49,6 +51,9 @@ class VMConfig:
     nvdimms: list[NvdimmSpec] = field(default_factory=list)
     serial_ports: list[SerialPort] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
+    # A root-disk overlay that outlives the VM (it holds the internal snapshot a chain of VMs
+    # restores); None: a fresh overlay in the VM's state dir, deleted at cleanup.
+    root_overlay: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class QemuCommandLine:
     """Builds argv for one VM: config + resolved accelerator + ssh port + state paths."""
 
     def __init__(self, config: VMConfig, paths: RunPaths, *, accel: str, ssh_port: int,
-                 binary: str = QEMU_BINARY) -> None:
+                 binary: str = QEMU_BINARY, paused: bool = False) -> None:
         if not NAME_RE.fullmatch(config.name):
             raise ConfigError(f"bad VM name {config.name!r} (letters, digits, _ . -)")
         if accel not in ("kvm", "tcg"):
@@ -103,6 +108,7 @@ class QemuCommandLine:
         self.accel = accel
         self.ssh_port = ssh_port
         self.binary = binary
+        self.paused = paused  # -S: vCPUs stopped until `cont` (a snapshot is loaded first)
 
     def argv(self) -> list[str]:
         c, p = self.config, self.paths
@@ -129,7 +135,8 @@ class QemuCommandLine:
             "-qmp", f"unix:{_safe(p.qmp_socket, 'QMP socket')},server=on,wait=off",
             "-pidfile", _safe(p.pidfile, "pidfile"),
             # The root disk is shared by every VM; each writes only its own overlay.
-            "-drive", f"file={_safe(p.overlay, 'overlay')},if=none,id=root,format=qcow2,"
+            "-drive", f"file={_safe(c.root_overlay or p.overlay, 'overlay')},if=none,id=root,"
+                      "format=qcow2,"
                       "cache=unsafe,discard=unmap",
             "-device", "virtio-blk-pci,drive=root",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{int(self.ssh_port)}-:22",
@@ -148,8 +155,11 @@ class QemuCommandLine:
             for i, port in enumerate(c.serial_ports):
                 if not NAME_RE.fullmatch(port.name):
                     raise ConfigError(f"bad virtio-serial port name {port.name!r}")
+                backend = "socket,server=on,wait=off" if port.socket else "file"
                 argv += [
-                    "-chardev", f"file,id=vport{i},path={_safe(port.path, 'port file')}",
+                    "-chardev", f"{backend},id=vport{i},path={_safe(port.path, 'port file')}",
                     "-device", f"virtserialport,bus=vser0.0,chardev=vport{i},name={port.name}",
                 ]
+        if self.paused:
+            argv.append("-S")
         return argv + list(c.extra_args)

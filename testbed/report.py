@@ -25,7 +25,8 @@ from testbed import events as events_mod
 from testbed.results import EVENTS, VERDICT, write_bytes_atomic, write_text_atomic
 
 KIND_COLOURS = {"write": "#3b82c4", "zero": "#9aa5b1", "read": "#4caf6e"}
-PHASE_COLOURS = ["#3b82c4", "#e0a030", "#4caf6e", "#b05cc4", "#d9534f", "#5bc0de", "#8d6e63"]
+PHASE_COLOURS = ["#3b82c4", "#e0a030", "#4caf6e", "#b05cc4", "#d9534f", "#5bc0de", "#8d6e63",
+                 "#c2185b", "#7cb342", "#5c6bc0", "#ff8a65", "#26a69a"]
 TIMELINE_OPS = 160  # the last ops before the cut: where the interesting overlaps are
 STATUSES = ("running", "passed", "violations", "failed")
 CUT_DIR = re.compile(r"cut-(\d{1,9})")
@@ -78,6 +79,10 @@ SUMMARY_FIELDS: dict[str, Any] = {  # key -> validity test (absent optional keys
     "cuts_per_min": _finite,
     "phases_s": _mapping_of(_finite),
     "cut_wall_s": _mapping_of(_finite),
+    "shard": _str_or_none,
+    "workers": _mapping_of(lambda w: isinstance(w, dict) and _count(w.get("cuts"))
+                           and _finite(w.get("cuts_per_min"))
+                           and _mapping_of(_finite)(w.get("phases_s"))),
 }
 SUMMARY_REQUIRED = ("status", "cuts", "violations")
 
@@ -403,7 +408,22 @@ def _phases_section(summary: dict[str, Any], cuts: list[dict[str, Any]]) -> list
         _phase_bars(phases, colours),
         "<h3>Seconds per cut</h3>",
         _cut_stacks(cuts, colours),
+        *_workers_table(summary.get("workers") or {}),
     ]
+
+
+def _workers_table(workers: dict[str, Any]) -> list[str]:
+    """Per chain of rounds (`testbed run --jobs`): cuts per minute and seconds per phase."""
+    if not workers:
+        return []
+    phases = list(dict.fromkeys(p for w in workers.values() for p in w["phases_s"]))
+    head = "".join(f"<th>{escape(p)} s</th>" for p in phases)
+    rows = [f"<tr><td>{escape(name)}</td><td>{w['cuts']}</td><td>{w['cuts_per_min']:.2f}</td>"
+            + "".join(f"<td>{w['phases_s'].get(p, 0.0):.1f}</td>" for p in phases) + "</tr>"
+            for name, w in workers.items()]
+    return ["<h3>Per worker</h3>",
+            f"<table><tr><th>worker</th><th>cuts</th><th>cuts/min</th>{head}</tr>",
+            *rows, "</table>"]
 
 
 def _phase_bars(phases: dict[str, float], colours: dict[str, str]) -> str:

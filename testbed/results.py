@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,71 @@ def testbed_identity() -> dict[str, Any]:
     return identity
 
 
+@dataclass(frozen=True)
+class Shard:
+    """`--shard i/N`: cuts i, i+N, i+2N, ... of the campaign (1-based); the shards of a
+    campaign are disjoint, cover every cut, and run exactly the rounds the whole run would."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, sep, count = text.partition("/")
+        if not (sep and index.isdigit() and count.isdigit()) or not 1 <= int(index) <= int(count):
+            raise ValueError(f"a shard is i/N with 1 <= i <= N, not {text!r}")
+        return cls(int(index), int(count))
+
+    def cuts(self, total: int) -> list[int]:
+        return list(range(self.index, total + 1, self.count))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class MergeError(ValueError):
+    """Run folders that are not shards of one campaign."""
+
+
+def merge(out: Path, run_dirs: list[Path]) -> RunResults:
+    """One run folder from shard folders: every cut folder copied, one summary over all of
+    them (status and exit code as for a single run over every cut), JUnit and report by the
+    caller (testbed.report.publish)."""
+    from testbed.scenario import parse_scenario
+
+    texts = {(d / "scenario.yaml").read_text() for d in run_dirs}
+    if len(texts) != 1:
+        raise MergeError("the run folders ran different scenarios: not shards of one campaign")
+    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in run_dirs]
+    out.mkdir(parents=True)
+    scenario = parse_scenario(texts.pop(), str(run_dirs[0] / "scenario.yaml"))
+    merged = RunResults(out, scenario)
+    for d in run_dirs:
+        for cut_dir in sorted(d.glob("cut-*")):
+            dst = out / cut_dir.name
+            if dst.exists():
+                raise MergeError(f"{cut_dir.name} is in more than one run folder")
+            shutil.copytree(cut_dir, dst)
+            if (cut_dir / VERDICT).is_file():
+                merged.cuts.append(json.loads((cut_dir / VERDICT).read_text()))
+    merged.cuts.sort(key=lambda c: c["cut"])
+    for summary in summaries:
+        for phase, seconds in (summary.get("run_phases_s") or {}).items():
+            merged.run_phases[phase] = merged.run_phases.get(phase, 0.0) + seconds
+    shard_notes = [(s.get("shard") or d.name, s) for d, s in zip(run_dirs, summaries, strict=True)]
+    failures = [f"shard {name}: {s['failure']}" for name, s in shard_notes if s.get("failure")]
+    stops = [f"shard {name}: {s['stopped']}" for name, s in shard_notes if s.get("stopped")]
+    merged.failure = "; ".join(failures) or None
+    merged.stopped = "; ".join(stops) or None
+    merged.elapsed_s = max(s.get("elapsed_s") or 0.0 for s in summaries)  # shards run at once
+    copy_atomic(run_dirs[0] / "scenario.yaml", out / "scenario.yaml")
+    write_json_atomic(out / "manifest.json", {**manifests[0], "run_id": out.name,
+                                              "merged_from": manifests})
+    merged.finish()
+    return merged
+
+
 class RunResults:
     """One run's folder. Typical use by the orchestrator:
 
@@ -153,10 +219,14 @@ class RunResults:
     return run.finish()                         # or run.record_failure(msg); run.finish()
     """
 
-    def __init__(self, run_dir: Path, scenario: Scenario) -> None:
+    def __init__(self, run_dir: Path, scenario: Scenario, shard: Shard | None = None) -> None:
         self.run_dir = run_dir
         self.scenario = scenario
+        self.shard = shard
+        # The cut numbers this run covers: all of them, or a shard's deterministic slice.
+        self.planned = (shard or Shard(1, 1)).cuts(scenario.cuts.count)
         self.started = time.monotonic()
+        self.elapsed_s: float | None = None  # fixed elapsed time (a merged run)
         self.cuts: list[dict[str, Any]] = []
         self.run_phases: dict[str, float] = {}
         self.failure: str | None = None
@@ -171,6 +241,7 @@ class RunResults:
         scenario_path: str | Path,
         manifest: dict[str, Any],
         run_id: str | None = None,
+        shard: Shard | None = None,
     ) -> RunResults:
         root = Path(results_root)
         root.mkdir(parents=True, exist_ok=True)
@@ -183,7 +254,7 @@ class RunResults:
             except FileExistsError:  # two runs in the same second keep separate folders
                 n += 1
                 run_dir = root / f"{base}-{n}"
-        run = cls(run_dir, scenario)
+        run = cls(run_dir, scenario, shard)
         copy_atomic(Path(scenario_path), run_dir / "scenario.yaml")
         full = {
             "run_id": run_dir.name,
@@ -215,6 +286,7 @@ class RunResults:
         *,
         crash_image: Path | None = None,
         cut_at_s: float | None = None,
+        worker: int = 1,
     ) -> None:
         """verdict: `Verdict.to_json()`; phases: seconds per phase of this cut; crash_image:
         kept only when the verdict has violations; cut_at_s: host-measured seconds from the
@@ -231,6 +303,7 @@ class RunResults:
             "wall_s": round(sum(phases.values()), 3),
             "cut_at_s": cut_at_s,
             "crash_image": kept,
+            "worker": worker,
         }
         write_json_atomic(cut_dir / VERDICT, record)
         self.cuts = [c for c in self.cuts if c["cut"] != n] + [record]
@@ -251,16 +324,16 @@ class RunResults:
 
     def finish(self) -> int:
         violations = sum(sum(c["counts"].values()) for c in self.cuts)
-        incomplete = len(self.cuts) < self.scenario.cuts.count
+        incomplete = len(self.cuts) < len(self.planned)
         if incomplete and self.failure is None and self.stopped is None:
-            self.failure = f"only {len(self.cuts)} of {self.scenario.cuts.count} cuts finished"
+            self.failure = f"only {len(self.cuts)} of {len(self.planned)} cuts finished"
         code = exit_code(violations, self.failure is not None)
         self.status = STATUS[code]
         self._write_summary()
         return code
 
     def summary(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.started
+        elapsed = self.elapsed_s if self.elapsed_s is not None else time.monotonic() - self.started
         violations: dict[str, int] = {}
         phases = dict(self.run_phases)
         for c in self.cuts:
@@ -278,15 +351,30 @@ class RunResults:
             else None,
             "failure": self.failure,
             "stopped": self.stopped,
+            "shard": str(self.shard) if self.shard else None,
             "cuts": len(self.cuts),
-            "cuts_planned": self.scenario.cuts.count,
+            "cuts_planned": len(self.planned),
             "cuts_with_violations": sum(1 for c in self.cuts if not c["ok"]),
             "violations": violations,
             "elapsed_s": round(elapsed, 3),
             "cuts_per_min": round(len(self.cuts) / (elapsed / 60), 3) if elapsed > 0 else 0.0,
             "phases_s": {k: round(v, 3) for k, v in phases.items()},
+            "run_phases_s": {k: round(v, 3) for k, v in self.run_phases.items()},
+            "workers": self._workers(elapsed),
             "cut_wall_s": {str(c["cut"]): c["wall_s"] for c in self.cuts},
         }
+
+    def _workers(self, elapsed: float) -> dict[str, dict[str, Any]]:
+        """Per chain of rounds (`--jobs`): cuts, cuts per minute, seconds per phase."""
+        workers: dict[str, dict[str, Any]] = {}
+        for c in self.cuts:
+            w = workers.setdefault(str(c.get("worker", 1)), {"cuts": 0, "phases_s": {}})
+            w["cuts"] += 1
+            for phase, seconds in c["phases_s"].items():
+                w["phases_s"][phase] = round(w["phases_s"].get(phase, 0.0) + seconds, 3)
+        for w in workers.values():
+            w["cuts_per_min"] = round(w["cuts"] / (elapsed / 60), 3) if elapsed > 0 else 0.0
+        return dict(sorted(workers.items(), key=lambda kv: int(kv[0])))
 
     def _write_summary(self) -> None:
         write_json_atomic(self.run_dir / "summary.json", self.summary())

@@ -1,4 +1,5 @@
-"""SSH into a guest (paramiko) with the guest's host key pinned: no TOFU, no passwords.
+"""SSH into a guest (fabric over paramiko) with the guest's host key pinned: no TOFU, no
+passwords.
 
 The pinned key is stored under an alias (image.HOST_KEY_ALIAS) rather than host:port, because
 every VM gets a different forwarded port; we install it for "[127.0.0.1]:port" at connect time
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fabric
 import paramiko
 
 from testbed.image import HOST_KEY_ALIAS
@@ -63,44 +65,61 @@ def plain_ssh_argv(port: int, client_key: Path, known_hosts: Path) -> list[str]:
     ]
 
 
+def connection(port: int, client_key: Path, known_hosts: Path, host: str = "127.0.0.1",
+               user: str = "root", timeout: float = 10.0,
+               banner_timeout: float | None = None) -> fabric.Connection:
+    """A fabric Connection (not yet open) to user@host:port that trusts only the guest's pinned
+    host key: fabric's default policy adds unknown keys (AutoAddPolicy); it is replaced by
+    RejectPolicy, no ~/.ssh config or known_hosts is read, no agent, no other key."""
+    key = pinned_key(known_hosts)
+    conn = fabric.Connection(
+        host, user=user, port=port, connect_timeout=max(1, int(timeout)),
+        # No ~/.ssh/config; a script's own stdin is not forwarded to the guest by default.
+        config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}}),
+        connect_kwargs={
+            "pkey": paramiko.Ed25519Key.from_private_key_file(str(client_key)),
+            "banner_timeout": banner_timeout or timeout, "auth_timeout": timeout,
+            "allow_agent": False, "look_for_keys": False,
+        },
+    )
+    conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    conn.client.get_host_keys().add(f"[{host}]:{port}", key.get_name(), key)
+    return conn
+
+
 class SSHConnection:
-    """One SSH connection to root@127.0.0.1:port."""
+    """One SSH connection to root@127.0.0.1:port: a fabric Connection with the host key pinned
+    (`connection()`). Commands run on its paramiko transport directly: argv lists quoted with
+    shlex.join, binary stdin, one deadline per command."""
 
     def __init__(self, port: int, client_key: Path, known_hosts: Path,
                  host: str = "127.0.0.1", user: str = "root") -> None:
         self.host, self.port, self.user = host, port, user
         self.client_key = client_key
         self.known_hosts = known_hosts
-        self._client: paramiko.SSHClient | None = None
+        self._conn: fabric.Connection | None = None
 
     def connect(self, timeout: float = 10.0, banner_timeout: float | None = None) -> None:
-        key = pinned_key(self.known_hosts)
-        client = paramiko.SSHClient()
-        client.get_host_keys().add(f"[{self.host}]:{self.port}", key.get_name(), key)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        conn = connection(self.port, self.client_key, self.known_hosts, self.host, self.user,
+                          timeout, banner_timeout)
         try:
-            client.connect(
-                self.host, port=self.port, username=self.user,
-                pkey=paramiko.Ed25519Key.from_private_key_file(str(self.client_key)),
-                timeout=timeout, banner_timeout=banner_timeout or timeout, auth_timeout=timeout,
-                allow_agent=False, look_for_keys=False,
-            )
+            conn.open()
         except paramiko.BadHostKeyException as e:
-            client.close()
+            conn.close()
             raise HostKeyMismatch(
                 f"guest at {self.host}:{self.port} presented a host key that does not match "
                 f"the pinned one in {self.known_hosts}: refused"
             ) from e
         except paramiko.SSHException as e:
-            client.close()
+            conn.close()
             if "not found in known_hosts" in str(e):
                 raise HostKeyMismatch(f"guest host key type not pinned: {e}") from e
             raise
         except BaseException:
-            client.close()
+            conn.close()
             raise
-        client.get_transport().set_keepalive(5)  # type: ignore[union-attr]
-        self._client = client
+        conn.client.get_transport().set_keepalive(5)  # type: ignore[union-attr]
+        self._conn = conn
 
     def wait_ready(self, deadline: float) -> None:
         """Connect, retrying until time.monotonic() >= deadline. A host-key mismatch is final."""
@@ -121,10 +140,21 @@ class SSHConnection:
                 time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
     @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
     def client(self) -> paramiko.SSHClient:
-        if self._client is None:
+        if self._conn is None:
             raise SSHError("not connected")
-        return self._client
+        return self._conn.client
+
+    @property
+    def fabric(self) -> fabric.Connection:
+        """The open fabric Connection (for `run`, `put`, `sudo`, ... in scripts)."""
+        if self._conn is None:
+            raise SSHError("not connected")
+        return self._conn
 
     def run(self, argv: list[str] | tuple[str, ...], timeout: float = 60.0,
             stdin: bytes | None = None) -> Result:
@@ -185,6 +215,6 @@ class SSHConnection:
                     sftp.chmod(dst, src.stat().st_mode & 0o7777)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -11,6 +11,7 @@ a new class plus one `register` line.
     target.setup(vm)                      # first boot, once the namespace exists
     target.attach(vm)                     # every boot (also the first), before the agent runs
     agent_config = target.agent_target()  # {"kind", "path", "bsize", ...}
+    target.detach(vm)                     # before a snapshot: no target state in guest RAM
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from btt8.core import Btt8Error, Layout
 
 from testbed import ndctl
 from testbed.guest_agent import GUEST_ROOT, Agent, stage
-from testbed.vm import CommandFailed
-
-if TYPE_CHECKING:
-    from testbed.vm import VM
+from testbed.vm import VM, CommandFailed, GuestCommands
 
 FSDAX_MOUNT = "/mnt/pmem"
 
@@ -71,16 +69,23 @@ class Target:
 
     # --- the guest ---
 
-    def create_namespace(self, vm: VM) -> str:
+    def create_namespace(self, vm: GuestCommands) -> str:
         self.device = ndctl.create_namespace(vm, self.namespace_mode)
         return self.device
 
-    def setup(self, vm: VM) -> None:
+    def setup(self, vm: GuestCommands) -> None:
         """First boot, after create_namespace: whatever the target needs made once."""
 
-    def attach(self, vm: VM) -> None:
-        """Every boot: wait for the namespace's device (udev may lag the boot)."""
+    def attach(self, vm: GuestCommands) -> None:
+        """Every boot or restore: enable the namespace (a restored guest had it disabled) and
+        wait for its device (udev-less device nodes may lag the boot)."""
+        ndctl.enable_namespaces(vm)
         vm.wait_until_succeeds("test", "-e", self._device(), timeout=60)
+
+    def detach(self, vm: GuestCommands) -> None:
+        """Leave nothing of the target in guest RAM (the kernel BTT's maps, a mounted
+        filesystem, page cache), so a snapshot taken now restores as a power cycle."""
+        ndctl.disable_namespaces(vm)
 
     @property
     def path(self) -> str:
@@ -135,13 +140,17 @@ class Btt8PoolFile(Btt8OnDevdax):
         assert self.spec.pool_mib is not None
         return super().capacity(min(self.spec.pool_mib << 20, region_bytes))
 
-    def setup(self, vm: VM) -> None:
+    def setup(self, vm: GuestCommands) -> None:
         vm.succeed("mkfs.ext4", "-q", "-F", "-b", "4096", self._device(), timeout=120)
 
-    def attach(self, vm: VM) -> None:
+    def attach(self, vm: GuestCommands) -> None:
         super().attach(vm)
         vm.succeed("mkdir", "-p", FSDAX_MOUNT)
         vm.succeed("mount", "-o", "dax", self._device(), FSDAX_MOUNT, timeout=120)
+
+    def detach(self, vm: GuestCommands) -> None:
+        vm.succeed("umount", FSDAX_MOUNT, timeout=120)
+        super().detach(vm)
 
     @property
     def path(self) -> str:
@@ -166,7 +175,7 @@ class KernelBtt(Target):
             return "bsize", f"kernel-btt sectors are 512 or 4096, got {spec.bsize}"
         return None
 
-    def create_namespace(self, vm: VM) -> str:
+    def create_namespace(self, vm: GuestCommands) -> str:
         self.device = ndctl.create_namespace(vm, self.namespace_mode,
                                              sector_size=self.spec.bsize)
         return self.device
@@ -212,18 +221,20 @@ class Btt8Blk(Target):
         except Btt8Error:
             return 0
 
-    def _deploy(self, vm: VM) -> None:
+    def _deploy(self, vm: GuestCommands) -> None:
+        if not isinstance(vm, VM):
+            return  # the agent's port: a campaign deployed the packages before it started
         if self._agent is None:
             self._staged = tempfile.TemporaryDirectory(prefix="testbed-btt8-blk-")
             self._agent = Agent(*stage(Path(self._staged.name)))
         self._agent.deploy(vm)
 
-    def setup(self, vm: VM) -> None:
+    def setup(self, vm: GuestCommands) -> None:
         self._deploy(vm)
         vm.succeed(*BTT8CTL, "format", self._device(), "--bsize", str(self.spec.bsize),
                    "--force", timeout=300)
 
-    def attach(self, vm: VM) -> None:
+    def attach(self, vm: GuestCommands) -> None:
         super().attach(vm)
         self._deploy(vm)
         r = vm.execute(*BTT8CTL, "attach", self._device(), "--name", BTT8_BLK_NAME,
@@ -233,7 +244,7 @@ class Btt8Blk(Target):
         if r.rc:
             raise CommandFailed("btt8ctl attach failed", r)
 
-    def detach(self, vm: VM) -> None:
+    def detach(self, vm: GuestCommands) -> None:
         vm.succeed(*BTT8CTL, "detach", BTT8_BLK_NAME, timeout=300)
         base = getattr(super(), "detach", None)  # the namespace's own detach, if any
         if base is not None:

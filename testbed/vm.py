@@ -52,8 +52,9 @@ if TYPE_CHECKING:
     from testbed.image import Image
 
 __all__ = [
-    "DEFAULT_APPEND", "VM", "CommandFailed", "ConfigError", "QMPChannel", "QMPError", "RunPaths",
-    "SerialPort", "VMConfig", "VMError", "VMLaunchError", "VMTimeout", "free_port",
+    "DEFAULT_APPEND", "VM", "CommandFailed", "ConfigError", "GuestCommands", "QMPChannel",
+    "QMPError", "RunPaths", "SerialPort", "VMConfig", "VMError", "VMLaunchError", "VMTimeout",
+    "free_port",
 ]
 
 QMP_TIMEOUT = 10.0
@@ -198,7 +199,39 @@ async def _cancel_pending() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class VM:
+class GuestCommands:
+    """Verbs a test reads aloud, over one `execute` (SSH for a VM, the agent's port for the
+    cut loop): succeed, fail, wait_until_succeeds."""
+
+    def execute(self, *argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> Result:
+        raise NotImplementedError
+
+    def succeed(self, *argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> str:
+        """Run argv in the guest; its stdout, or CommandFailed with rc/stdout/stderr."""
+        r = self.execute(*argv, timeout=timeout, stdin=stdin)
+        if r.rc != 0:
+            raise CommandFailed("guest command failed", r)
+        return r.stdout
+
+    def fail(self, *argv: str, timeout: float = 60.0) -> str:
+        """Run argv expecting a non-zero status; its stderr."""
+        r = self.execute(*argv, timeout=timeout)
+        if r.rc == 0:
+            raise CommandFailed("guest command unexpectedly succeeded", r)
+        return r.stderr
+
+    def wait_until_succeeds(self, *argv: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.execute(*argv, timeout=max(1.0, deadline - time.monotonic()))
+            if r.rc == 0:
+                return r.stdout
+            if time.monotonic() >= deadline:
+                raise CommandFailed(f"guest command did not succeed within {timeout} s", r)
+            time.sleep(0.5)
+
+
+class VM(GuestCommands):
     """One QEMU process. Not thread-safe; launch it from a thread that outlives it (the
     parent-death signal follows the launching thread)."""
 
@@ -215,6 +248,7 @@ class VM:
         self.ssh_port: int | None = None
         self.argv: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
         self._qmp: QMPChannel | None = None
         self._ssh: SSHConnection | None = None
         self.launched_at: float | None = None
@@ -250,8 +284,14 @@ class VM:
 
     # --- lifecycle ---
 
-    def start(self, *, launch_attempts: int = 5) -> None:
-        """Launch QEMU and connect QMP. Returns once QEMU runs the guest (not yet booted)."""
+    @property
+    def overlay(self) -> Path:
+        return self.config.root_overlay or self.paths.overlay
+
+    def start(self, *, paused: bool = False, launch_attempts: int = 5) -> None:
+        """Launch QEMU and connect QMP. Returns once QEMU runs the guest (not yet booted), or
+        with `paused`, once QEMU is ready and the vCPUs wait for `cont` (to load a snapshot)."""
+        self.paused = paused
         if self.process is not None:
             raise VMLaunchError("VM already started", argv=self.argv)
         self._pre_launch()
@@ -284,12 +324,13 @@ class VM:
         if shutil.which(self.binary) is None:
             raise VMLaunchError(f"QEMU binary {self.binary} not found (run bin/bootstrap)")
         self.accel = accel_mod.resolve(c.accel, c.kernel, c.initrd, self.binary)
-        self.paths.overlay.unlink(missing_ok=True)
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-             "-b", str(Path(c.root_disk).resolve()), str(self.paths.overlay)],
-            check=True, capture_output=True,
-        )
+        if c.root_overlay is None or not c.root_overlay.exists():
+            self.overlay.unlink(missing_ok=True)
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                 "-b", str(Path(c.root_disk).resolve()), str(self.overlay)],
+                check=True, capture_output=True,
+            )
         for d in c.nvdimms:
             create_backing(d)
         for port in c.serial_ports:
@@ -299,7 +340,8 @@ class VM:
         self.ssh_port = free_port()
         assert self.accel is not None
         self.argv = QemuCommandLine(self.config, self.paths, accel=self.accel,
-                                    ssh_port=self.ssh_port, binary=self.binary).argv()
+                                    ssh_port=self.ssh_port, binary=self.binary,
+                                    paused=self.paused).argv()
         # Unless daemonized, setpriv gives QEMU a parent-death signal before it execs QEMU: if
         # this process dies, even by SIGKILL, its QEMU dies too (no Python runs in the child).
         wrapper = [] if self.daemonize else ["setpriv", "--pdeathsig", "KILL", "--"]
@@ -381,36 +423,17 @@ class VM:
     # --- guest commands (argv lists; quoted with shlex.join by testbed.ssh) ---
 
     def execute(self, *argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> Result:
+        """Run argv over SSH, connecting first if no connection is open yet (a guest restored
+        from a snapshot is reached through its agent until something needs SSH)."""
         try:
-            return self.ssh().run(list(argv), timeout=timeout, stdin=stdin)
+            ssh = self.ssh()
+            if not ssh.connected:
+                ssh.wait_ready(time.monotonic() + timeout)
+            return ssh.run(list(argv), timeout=timeout, stdin=stdin)
         except SSHError as e:
             if isinstance(e, SSHTimeout):
                 raise self._err(VMTimeout, str(e)) from e
             raise
-
-    def succeed(self, *argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> str:
-        """Run argv in the guest; its stdout, or CommandFailed with rc/stdout/stderr."""
-        r = self.execute(*argv, timeout=timeout, stdin=stdin)
-        if r.rc != 0:
-            raise CommandFailed("guest command failed", r)
-        return r.stdout
-
-    def fail(self, *argv: str, timeout: float = 60.0) -> str:
-        """Run argv expecting a non-zero status; its stderr."""
-        r = self.execute(*argv, timeout=timeout)
-        if r.rc == 0:
-            raise CommandFailed("guest command unexpectedly succeeded", r)
-        return r.stderr
-
-    def wait_until_succeeds(self, *argv: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.execute(*argv, timeout=max(1.0, deadline - time.monotonic()))
-            if r.rc == 0:
-                return r.stdout
-            if time.monotonic() >= deadline:
-                raise CommandFailed(f"guest command did not succeed within {timeout} s", r)
-            time.sleep(0.5)
 
     # --- ending ---
 
@@ -435,7 +458,7 @@ class VM:
         """Graceful: guest poweroff over SSH (sync, unmount), wait up to `timeout`, then QMP
         quit, then SIGKILL. Idempotent."""
         if self.is_running():
-            if self._ssh is not None and self._ssh._client is not None:
+            if self._ssh is not None and self._ssh.connected:
                 with contextlib.suppress(Exception):
                     self._ssh.run(["busybox", "poweroff"], timeout=5.0)
             self._drop_ssh()
@@ -493,7 +516,7 @@ class VM:
             self.kill()
             self._wait_exit(10.0)
         self.paths.qmp_socket.unlink(missing_ok=True)
-        self.paths.overlay.unlink(missing_ok=True)
+        self.paths.overlay.unlink(missing_ok=True)  # a chain's root_overlay is kept
 
     def __enter__(self) -> VM:
         return self

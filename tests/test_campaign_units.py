@@ -11,6 +11,7 @@ import pytest
 from testbed import campaign
 from testbed import image as image_mod
 from testbed.events import Tail, save_round
+from testbed.events import read as read_events
 from testbed.guest_agent import stage
 
 
@@ -35,13 +36,21 @@ def test_new_events_returns_only_complete_new_lines(tmp_path: Path) -> None:
     assert tail.new() == []
 
 
-def test_saved_events_keep_one_round_and_truncated_lines(tmp_path: Path) -> None:
-    src = tmp_path / "all.jsonl"
-    lines = [json.dumps({"ev": "ok", "epoch": e, "op": i}) for e, i in ((1, 0), (2, 0), (2, 1))]
-    src.write_text("\n".join(lines) + '\n{"ev":"invoke","epo')
-    save_round(src, 2, tmp_path / "round2.jsonl")
-    kept = (tmp_path / "round2.jsonl").read_text().splitlines()
-    assert kept == [lines[1], lines[2], '{"ev":"invoke","epo']
+def test_rounds_sharing_a_port_file_split_by_position(tmp_path: Path) -> None:
+    """restart reset: one port file spans the rounds; round 1's last line was cut short and
+    round 2's first line follows it directly. Each round's file holds its own bytes."""
+    src = tmp_path / "port"
+    round1 = b'{"ev":"start","t":1,"epoch":1}\n{"ev":"invoke","epo'
+    round2 = b'{"ev":"start","t":2,"epoch":2}\n'
+    src.write_bytes(round1)
+    end1 = save_round(src, 0, tmp_path / "r1")
+    with open(src, "ab") as f:
+        f.write(round2)
+    end2 = save_round(src, end1, tmp_path / "r2")
+    assert (end1, end2) == (len(round1), len(round1) + len(round2))
+    assert [e["epoch"] for e in read_events(tmp_path / "r1")] == [1]  # truncated line skipped
+    assert [e["epoch"] for e in read_events(tmp_path / "r2")] == [2]
+    assert [e["epoch"] for e in Tail(src, end1).new()] == [2]
 
 
 def test_image_build_failure_is_exit_2_with_the_phase(monkeypatch: pytest.MonkeyPatch,

@@ -222,13 +222,9 @@ def test_only_a_truncated_last_line_is_skipped(bad: bytes) -> None:
 
 def test_save_round_keeps_corruption_as_evidence(tmp_path: Any) -> None:
     src, dst = tmp_path / "all.jsonl", tmp_path / "round.jsonl"
-    src.write_bytes(b'{"ev":"start","t":0,"epoch":1}\n[1]\n{"ev":"start","t":0,"epoch":2}\n'
-                    b'{"ev":"x","epo')
-    events_mod.save_round(src, 1, dst)
+    src.write_bytes(b'{"ev":"start","t":0,"epoch":1}\n[1]\n{"ev":"x","epo')
+    assert events_mod.save_round(src, 0, dst) == src.stat().st_size
     with pytest.raises(events_mod.EventStreamError, match=":2: "):
-        events_mod.read(dst)
-    events_mod.save_round(src, 2, dst)
-    with pytest.raises(events_mod.EventStreamError):  # the [1] line is kept in every round
         events_mod.read(dst)
 
 

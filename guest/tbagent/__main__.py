@@ -10,8 +10,8 @@ workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
                   with the traceback); per thread end (it finished its ops or the duration);
                   done
 recover-and-dump  {"target": T, "seed": S, "lbas": N}
-                  -> {"ok": true, "checked": bool (btt8 read-only check ran), "nblock": n,
-                      "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
+                  -> {"ok": true, "checked": bool (btt8 read-only check ran), "check_s": s,
+                      "nblock": n, "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
 T = {"kind": "btt8" | "kernel-btt" | "raw-pmem" | "btt8-blk", "path": str, "bsize": int,
      "pool_mib": int (prepare of a btt8 pool file only),
      "client": "fio" | "ext4" (block devices; absent: this agent's workload; the three commands
@@ -31,6 +31,10 @@ COMMANDS = {"prepare": prepare, "workload": workload, "recover-and-dump": recove
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:  # the resident agent (tbagent/serve.py)
+        from tbagent.serve import main as serve
+
+        return serve(argv[1:])
     if len(argv) != 1 or argv[0] not in COMMANDS:
         print(f"usage: python3 -m tbagent {{{','.join(COMMANDS)}}} < config.json", file=sys.stderr)
         return 2

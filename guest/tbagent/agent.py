@@ -293,8 +293,10 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
             return clients.RECOVERS[target["client"]](config)
         except Exception as e:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    started = time.monotonic()
     try:
         checked = target["kind"] == "btt8" and btt8_check(target["path"], target["bsize"])
+        check_s = time.monotonic() - started
         dev = open_target(target)
     except Exception as e:  # whatever recovery raises is the evidence
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -304,7 +306,8 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"reading after recovery: {type(e).__name__}: {e}"}
     finally:
         dev.close()
-    return {"ok": True, "checked": checked, "nblock": dev.nblock, "blocks": blocks}
+    return {"ok": True, "checked": checked, "check_s": round(check_s, 4), "nblock": dev.nblock,
+            "blocks": blocks}
 
 
 def btt8_check(path: str, bsize: int) -> bool:

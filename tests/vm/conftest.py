@@ -36,6 +36,7 @@ def vm_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("vms")
     os.environ["TESTBED_RUNTIME_DIR"] = str(base / "run")
     os.environ["TESTBED_DATA_DIR"] = str(base / "data")
+    os.environ["TESTBED_SNAPSHOT_CACHE"] = str(base / "snapshots")  # first run stores, later hit
     yield base
     left = our_qemus(str(base))
     for pid in left:

@@ -29,7 +29,9 @@ def _assert_complete(run: Path, cuts: int) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cuts"] == cuts
     assert isinstance(summary["cuts_per_min"], float) and summary["cuts_per_min"] > 0
-    assert {"workload", "cut", "boot", "recover", "judge"} <= set(summary["phases_s"])
+    phases = set(summary["phases_s"])
+    assert {"workload", "cut", "recover", "check", "judge"} <= phases, phases
+    assert "restore" in phases or "boot" in phases, phases
     manifest = json.loads((run / "manifest.json").read_text())
     for key in ("qemu_version", "guest_kernel", "accelerator", "seed", "command_lines"):
         assert manifest.get(key), key
@@ -83,7 +85,7 @@ def test_btt8_pool_file_on_fsdax_with_reset_cuts_is_clean(image: object, tmp_pat
     trigger (after N acknowledged writes)."""
     data = yaml.safe_load(SMOKE.read_text())
     data["target"] = {"kind": "btt8", "namespace": "fsdax", "bsize": 4096, "pool_mib": 32}
-    data["cuts"] = {"count": 2, "mode": "reset", "when": {"after_acks": 200}}
+    data["cuts"] = {"count": 2, "restart": "reset", "when": {"after_acks": 200}}
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(data))
     code = campaign.run(scenario, tmp_path / "results")
@@ -131,4 +133,4 @@ def test_guest_that_never_gets_ready_is_a_testbed_failure(image: object, tmp_pat
     summary = json.loads((run / "summary.json").read_text())
     assert (code, summary["status"], summary["cuts"]) == (2, "failed", 0)
     assert "not ssh-ready" in summary["failure"]
-    assert not our_qemus("/testbed-run-"), "QEMU outlived a failed run"
+    assert not our_qemus(f"/testbed-run-{run.name[:32]}-"), "QEMU outlived a failed run"
