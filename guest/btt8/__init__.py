@@ -22,10 +22,18 @@ from .core import (
     create_on,
     open,
 )
-from .pmem import MappedPmem, MemoryPmem, Pmem, PoolBusyError
+from .pmem import (
+    PERSISTENCE_MODELS,
+    CachePmem,
+    MappedPmem,
+    MemoryPmem,
+    Pmem,
+    PoolBusyError,
+    with_model,
+)
 
 __all__ = [
     "FLAG_ZERO", "MIN_BSIZE", "MIN_POOL", "NFREE", "Btt8Error", "CorruptionError", "Layout",
     "MappedPmem", "MemoryPmem", "Pmem", "Pool", "PoolBusyError", "check", "create", "create_on",
-    "open",
+    "open", "CachePmem", "PERSISTENCE_MODELS", "with_model",
 ]

@@ -39,7 +39,7 @@ from itertools import compress, repeat
 from types import TracebackType
 from typing import Literal, NamedTuple
 
-from .pmem import MappedPmem, Pmem
+from .pmem import MappedPmem, Pmem, with_model
 
 SIG = b"PMBLKBB\0"
 MIN_POOL = 16 << 20
@@ -617,6 +617,22 @@ class Pool:
         if os.environ.get("BTT8_TEST_FAULT") == "publish-before-data":
             self._fault_publish_before_data = True
 
+    # TEST ONLY, not a user option, and unlike publish-before-data not settable from the
+    # environment (no CLI, scenario or guest path reaches it): persistence defects that only a
+    # write-back-cache model (btt8.pmem.CachePmem) can see.
+    #   "unpersisted-data":    WwriteBlock stores the data without persisting it before the swap
+    #   "unpersisted-mapping": WpersistMapping skipped, and readers skip RpersistMapping
+    # The hot paths are rebuilt with the defective bindings (no cost to the correct ones);
+    # btt8.steps reads _test_fault as well.
+    _test_fault = ""
+
+    def _inject_test_fault(self, fault: str) -> None:
+        if fault not in ("", "unpersisted-data", "unpersisted-mapping"):
+            raise ValueError(f"unknown test fault {fault!r}")
+        self._test_fault = fault
+        self.read, self.read_into, self._write_correct = _hot_paths(self, fault)
+        self.write = self._write_correct
+
     # TEST ONLY, not a user option: publish the mapping before the data is written, the bug
     # the crash testbed must catch. Set from BTT8_TEST_FAULT=publish-before-data in the guest.
     @property
@@ -787,7 +803,7 @@ class Pool:
             self._release_lane(lane)
 
 
-def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
+def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callable]:
     """The production read, read_into and write, each PlusCal step labelled. btt8.steps has the
     same steps as generators for interleaving; these stay straight-line for speed: every name
     is a closure variable, table words are read through strided views (no index arithmetic),
@@ -805,6 +821,10 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
     atomic = pool._swap_is_atomic
     buffer = pool._pmem.buffer  # loads by slicing: see pmem
     as_bytes = buffer if isinstance(buffer, mmap.mmap) else None  # its slices are bytes
+    if fault == "unpersisted-data":  # TEST ONLY: see Pool._inject_test_fault
+        store_persist = pool._pmem.store
+    elif fault == "unpersisted-mapping":
+        swap_persist, persist = pool._pmem.cas16, _no_persist
     # module constants as closure variables (a cell load is cheaper than a global lookup)
     lane_mask, flag_unused, flag_zero, pba_mask, nfree = (
         LANE_MASK, FLAG_UNUSED, FLAG_ZERO, PBA_MASK, NFREE)
@@ -935,16 +955,23 @@ def _hot_paths(pool: Pool) -> tuple[Callable, Callable, Callable]:
 # libpmemblk-style entry points
 
 
+def _no_persist(off: int, n: int) -> None:
+    pass
+
+
 def _wrap_os_error(exc: OSError, path: str) -> Btt8Error:
     if isinstance(exc, Btt8Error):
         return exc
     return Btt8Error(exc.errno or errno.EIO, exc.strerror or str(exc), path)
 
 
-def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644) -> Pool:
+def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644, *,
+           persistence: str = "eadr", seed: int = 0) -> Pool:
     """Create and open a pool. A regular file must not exist (EEXIST) and needs poolsize; an
     existing character/block device (e.g. /dev/dax0.0) is formatted in place, its whole size
-    used when poolsize is 0."""
+    used when poolsize is 0. persistence: the model the pool runs under (btt8.pmem.with_model:
+    eadr, the mapping itself, is the default; adr / adr-evict put a write-back cache model in
+    front of it, seeded by seed)."""
     path = os.fspath(path)
     try:
         st = os.stat(path)
@@ -958,10 +985,11 @@ def create(path: str, bsize: int, poolsize: int = 0, mode: int = 0o644) -> Pool:
     if not is_device:
         Layout.for_pool(bsize, poolsize)  # validate before creating anything
     try:
-        pmem = MappedPmem(path, create_size=0 if is_device else poolsize, mode=mode)
+        pmem: Pmem = MappedPmem(path, create_size=0 if is_device else poolsize, mode=mode)
     except OSError as exc:
         raise _wrap_os_error(exc, path) from None
     try:
+        pmem = with_model(pmem, persistence, seed)
         size = poolsize if is_device and poolsize else pmem.size
         if size > pmem.size:
             raise _einval(f"pool size {size} larger than the device ({pmem.size})", path)
@@ -981,17 +1009,21 @@ def create_on(pmem: Pmem, bsize: int) -> Pool:
     return Pool(pmem)
 
 
-def open(path: str, bsize: int = 0, *, readonly: bool = False) -> Pool:
+def open(path: str, bsize: int = 0, *, readonly: bool = False, persistence: str = "eadr",
+         seed: int = 0) -> Pool:
     """Open a pool and recover its free list. bsize 0 accepts the pool's block size; otherwise it
     must match (EINVAL). A failed open never writes to the pool. readonly opens with a shared
-    lock and a read-only mapping (for check/info): writes then fail."""
+    lock and a read-only mapping (for check/info): writes then fail. persistence and seed: the
+    persistence model, as for create (ignored when readonly: nothing is stored)."""
     path = os.fspath(path)
     try:
-        pmem = MappedPmem(path, readonly=readonly)
+        pmem: Pmem = MappedPmem(path, readonly=readonly)
     except OSError as exc:
         raise _wrap_os_error(exc, path) from None
     pool = None
     try:
+        if not readonly:
+            pmem = with_model(pmem, persistence, seed)
         if pmem.size < MIN_POOL:
             raise _einval(f"pool size {pmem.size} below the 16 MiB minimum", path)
         pool = Pool(pmem, path)

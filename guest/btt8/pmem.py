@@ -215,7 +215,7 @@ class MemoryPmem(Pmem):
 
     persist_mode = "memory"
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int | bytes) -> None:
         super().__init__(bytearray(size))
 
     def persist(self, off: int, n: int) -> None:
@@ -223,6 +223,148 @@ class MemoryPmem(Pmem):
 
     def snapshot(self) -> bytes:
         return bytes(self._buf)
+
+
+PERSISTENCE_MODELS = ("eadr", "adr", "adr-evict")
+LINE = 64  # cache line: the unit a persist (clwb) and an eviction write back
+_LINE_SHIFT = 6
+
+
+class CachePmem(Pmem):
+    """Write-back-cache persistence model over a media backend (`adr` / `adr-evict`).
+
+    Loads, `visible` and `buffer` come from a DRAM copy of the media; stores go to the DRAM
+    copy only; `persist(off, n)` writes the covering 64-byte lines through to the media (the
+    whole line, as clwb does, whoever dirtied it). Whatever was not written through is lost when
+    the process (the guest) dies: the media then holds exactly the persisted lines - the ADR
+    model, where the CPU caches are outside the persistence domain. A write-through copies a line
+    with one memcpy, which moves aligned 8-byte words: 8-byte aligned stores stay atomic,
+    nothing larger is (a cas16's halves may reach the media one without the other).
+
+    `adr-evict` adds cache pressure: after each store, with probability `evict_p`, one dirty line
+    picked by a seeded random generator is written back early (in any order). Only that mode
+    tracks dirty lines; `adr` needs no tracking (the media holds the persisted lines already).
+
+    close() writes every line back (a clean shutdown flushes the caches); crash() instead drops
+    the DRAM copy and returns the media image (in-process power cut, for tests)."""
+
+    def __init__(self, media: Pmem, model: str = "adr", seed: int = 0,
+                 evict_p: float = 0.25) -> None:
+        if model not in ("adr", "adr-evict"):
+            raise ValueError(f"persistence model {model!r}: expected adr or adr-evict")
+        self.media = media
+        self.model = model
+        self.persist_mode = f"{model} (write-back cache model over {media.persist_mode})"
+        self._media_mv = media.visible
+        dram = bytearray(media.visible)
+        super().__init__(dram)
+        self._dirty_list: list[int] | None = None
+        if model == "adr-evict":
+            import random
+            self._rng = random.Random(seed)
+            self._evict_p = evict_p
+            self._dirty_list = []
+            self._dirty_pos: dict[int, int] = {}
+            dram_q = self.visible_words
+
+            def store8(word: int, value: int) -> None:
+                dram_q[word] = value
+                self._dirtied(word << 3, 8)
+
+            self.store8 = store8
+
+    @property
+    def atomic_swap(self) -> bool:
+        """The DRAM copy is swapped in one C call under the stripe mutex, as in Pmem.cas16."""
+        return True
+
+    # -- dirty tracking (adr-evict only) ------------------------------------------------------
+
+    def _dirtied(self, off: int, n: int) -> None:
+        dl = self._dirty_list
+        if dl is None:
+            return
+        pos = self._dirty_pos
+        for line in range(off >> _LINE_SHIFT, (off + n + LINE - 1) >> _LINE_SHIFT):
+            if line not in pos:
+                pos[line] = len(dl)
+                dl.append(line)
+        if dl and self._rng.random() < self._evict_p:
+            self._write_back(dl[self._rng.randrange(len(dl))])
+
+    def _write_back(self, line: int) -> None:
+        off = line << _LINE_SHIFT
+        self._media_mv[off : off + LINE] = self._mv[off : off + LINE]
+        dl = self._dirty_list
+        if dl is not None:
+            i = self._dirty_pos.pop(line, -1)
+            if i >= 0:
+                last = dl.pop()
+                if last != line:
+                    dl[i] = last
+                    self._dirty_pos[last] = i
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def store(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self._mv[off : off + len(data)] = data
+        if self._dirty_list is not None:
+            self._dirtied(off, len(data))
+
+    def store_persist(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self._mv[off : off + len(data)] = data
+        self.persist(off, len(data))
+
+    def cas16(self, word: int, old_lo: int, old_hi: int, new_lo: int, new_hi: int) -> bool:
+        if super().cas16(word, old_lo, old_hi, new_lo, new_hi):
+            if self._dirty_list is not None:
+                self._dirtied(word << 3, 16)
+            return True
+        return False
+
+    def persist(self, off: int, n: int) -> None:
+        start = off & -LINE
+        end = min((off + n + LINE - 1) & -LINE, self.size)
+        self._media_mv[start:end] = self._mv[start:end]
+        if self._dirty_list:
+            for line in range(start >> _LINE_SHIFT, end >> _LINE_SHIFT):
+                if line in self._dirty_pos:
+                    self._write_back(line)
+        self.media.persist(start, end - start)
+
+    def write_back_all(self) -> None:
+        self._media_mv[:] = self._mv
+        if self._dirty_list is not None:
+            self._dirty_list.clear()
+            self._dirty_pos.clear()
+        self.media.persist(0, self.size)
+
+    def crash(self) -> bytes:
+        """Power cut, in process: the DRAM copy is lost; returns the media image that survives.
+        The pool is unusable afterwards (close() then closes without writing anything back)."""
+        self._crashed = True
+        return bytes(self._media_mv)
+
+    _crashed = False
+
+    def close(self) -> None:
+        if self.media is None:
+            return
+        if not self._crashed:
+            self.write_back_all()
+        super().close()
+        media, self.media = self.media, None  # type: ignore[assignment]
+        media.close()
+
+
+def with_model(media: Pmem, model: str = "eadr", seed: int = 0) -> Pmem:
+    """The backend for a persistence model over a media backend: the media itself for eadr
+    (every completed store is durable: the fast default path, unchanged), else a CachePmem."""
+    if model == "eadr":
+        return media
+    if model not in PERSISTENCE_MODELS:
+        raise ValueError(f"persistence model {model!r}: expected one of {PERSISTENCE_MODELS}")
+    return CachePmem(media, model, seed)
 
 
 class MappedPmem(Pmem):

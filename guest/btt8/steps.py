@@ -40,7 +40,10 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
             newpba |= FLAG_ZERO
         else:
             yield "WwriteBlock"
-            pmem.store_persist(pool._dataoff + newpba * pool.bsize, data)
+            if pool._test_fault == "unpersisted-data":  # TEST ONLY: Pool._inject_test_fault
+                pmem.store(pool._dataoff + newpba * pool.bsize, data)
+            else:
+                pmem.store_persist(pool._dataoff + newpba * pool.bsize, data)
         word = pool._tt_word + 2 * lba
         yield "WloadOldCycle"
         oldcycle = pmem.load8(word)
@@ -51,7 +54,8 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
         swapped = pmem.cas16(word, oldcycle, oldpba, newcycle, newpba)
         if swapped:
             yield "WpersistMapping"
-            pmem.persist(word * 8 + 8, 8)
+            if pool._test_fault != "unpersisted-mapping":
+                pmem.persist(word * 8 + 8, 8)
             yield "WupdateCycle"
             pool._lane_next[lane] = newcycle + NFREE  # lane count + 1
         yield "WputFreeBlock"
@@ -78,7 +82,7 @@ def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int
         yield "RloadLaneCycle"
         lane_next = pool._lane_next[pre & LANE_MASK]  # make_cycle(lane, lane count + 1)
         yield "RpersistMapping"
-        if lane_next == pre:  # entry count == lane count + 1
+        if lane_next == pre and pool._test_fault != "unpersisted-mapping":  # count + 1
             pmem.persist(word * 8 + 8, 8)
         yield "RcopyBlock"
         if pba & FLAG_ZERO:
