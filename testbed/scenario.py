@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from btt8.pmem import PERSISTENCE_MODELS
 
 from testbed.clients import CLIENTS
 from testbed.qemu_cmdline import NAME_RE
@@ -460,6 +461,7 @@ class _Validator:
                 "bsize": self.integer(512, MAX_BSIZE),
                 "pool_mib": self.integer(MIN_NVDIMM_MIB, MAX_NVDIMM_MIB),
                 "client": self.choice(tuple(CLIENTS)),
+                "persistence": self.choice(PERSISTENCE_MODELS),
             },
             required=("kind", "bsize"),
         )
@@ -477,7 +479,7 @@ class _Validator:
         if choices:
             v.setdefault("namespace", choices[0])
         driver = driver_class(kind, v.get("namespace"))
-        for name in ("pool_mib", "client"):
+        for name in ("pool_mib", "client", "persistence"):
             if name in v and name not in driver.optional_keys:
                 users = sorted({f"{c.kind}" + (f" on {c.namespace}" if c.namespace else "")
                                 for by_ns in TARGETS.values() for c in by_ns.values()

@@ -39,6 +39,7 @@ class TargetSpec:
     namespace: str | None = None  # chooses among the drivers of one kind (btt8: devdax, fsdax)
     pool_mib: int | None = None  # size of a BTT8 pool file
     client: str | None = None  # what drives a block-device target (testbed.clients); agent
+    persistence: str | None = None  # btt8: the guest's persistence model (btt8.pmem); eadr
 
 
 class TargetUnrecoverable(Exception):
@@ -109,6 +110,7 @@ class Btt8OnDevdax(Target):
     """The BTT8 pool is a whole device-dax namespace (/dev/daxN.M), mmap'd by the agent."""
 
     kind, namespace, namespace_mode = "btt8", "devdax", "devdax"
+    optional_keys: ClassVar[tuple[str, ...]] = ("persistence",)
 
     @classmethod
     def check(cls, spec: TargetSpec) -> tuple[str, str] | None:
@@ -122,13 +124,19 @@ class Btt8OnDevdax(Target):
         except Btt8Error:
             return 0
 
+    def agent_target(self) -> dict[str, Any]:
+        target = super().agent_target()
+        if self.spec.persistence and self.spec.persistence != "eadr":
+            target["persistence"] = self.spec.persistence
+        return target
+
 
 class Btt8PoolFile(Btt8OnDevdax):
     """The BTT8 pool is a file of pool_mib on ext4 mounted with -o dax (fsdax namespace): no
     page cache between the pool's mmap and the media."""
 
     namespace, namespace_mode = "fsdax", "fsdax"
-    optional_keys = ("pool_mib",)
+    optional_keys = ("pool_mib", "persistence")
 
     @classmethod
     def check(cls, spec: TargetSpec) -> tuple[str, str] | None:

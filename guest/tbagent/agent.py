@@ -42,10 +42,12 @@ class Target(Protocol):
 class PoolTarget:
     """A BTT8 pool on a devdax device or a file in a DAX filesystem; open() runs recovery."""
 
-    def __init__(self, path: str, bsize: int) -> None:
+    def __init__(self, path: str, bsize: int, persistence: str = "eadr", seed: int = 0) -> None:
         import btt8  # deployed beside tbagent; imported late so raw targets work without it
 
-        self.pool = btt8.open(path, bsize)
+        # persistence: the model the pool runs under (btt8.pmem.with_model). Under adr the
+        # stores live in a DRAM copy until persisted; a QMP cut kills it with the guest.
+        self.pool = btt8.open(path, bsize, persistence=persistence, seed=seed)
         self.nblock = self.pool.nblock
 
     def read(self, lba: int) -> bytes:
@@ -137,10 +139,11 @@ def scribble_superblock(path: str) -> None:
         os.close(fd)
 
 
-def open_target(target: dict[str, Any]) -> Target:
+def open_target(target: dict[str, Any], seed: int = 0) -> Target:
+    """seed: for a persistence model that draws (adr-evict's early write-backs)."""
     kind, path, bsize = target["kind"], target["path"], target["bsize"]
     if kind == "btt8":
-        return PoolTarget(path, bsize)
+        return PoolTarget(path, bsize, target.get("persistence", "eadr"), seed)
     if kind in ("raw-pmem", "kernel-btt", "btt8-blk"):
         return DeviceTarget(path, bsize)
     raise ConfigError(f"unknown target kind {kind!r}")
@@ -203,7 +206,7 @@ def workload(config: dict[str, Any]) -> dict[str, Any]:
     if len(resume) != threads:
         raise ConfigError(f"resume has {len(resume)} offsets for {threads} threads")
 
-    dev = open_target(config["target"])
+    dev = open_target(config["target"], seed * 1_000_003 + epoch)  # a new draw each epoch
     if TEST_FAULT == "worker-raises":
         dev = RaisingTarget(dev)
     elif TEST_FAULT == "corrupt-target":
