@@ -327,6 +327,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
 def _parse_shard(text: str) -> Shard:
     try:
         return Shard.parse(text)
@@ -388,7 +394,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default="results", help="where run folders go")
     p.add_argument("--shard", type=_parse_shard, metavar="I/N",
                    help="run only cuts I, I+N, I+2N, ... (merge shards with testbed report merge)")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="N chains of cuts at once, each on its own guest (default: what the "
                         "machine's cores and memory fit)")
     p.set_defaults(func=_run)
@@ -455,7 +461,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def _configure_logging(verbose: bool) -> None:
     """-v: every phase, QMP command and SSH command, timestamped, on stderr."""
+    for old in [h for h in log.handlers if getattr(h, "testbed_cli", False)]:
+        log.removeHandler(old)  # main() may run more than once in a process (tests, scripts)
     handler = logging.StreamHandler(sys.stderr)
+    handler.testbed_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s: %(message)s",
                                            "%H:%M:%S"))
     log.addHandler(handler)

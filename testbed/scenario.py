@@ -419,6 +419,12 @@ class _Validator:
         )
         scenario = Scenario(**v)
         self.check_fits(root, scenario)
+        problem = make_target(scenario.target).snapshot_problem()
+        if problem and scenario.cuts.restart == "snapshot":
+            cuts = _child(root, "cuts")
+            raise self.fail(_child(cuts, "restart") if cuts is not root else root, "cuts.restart",
+                            f"snapshot cannot be restored safely here: {problem} "
+                            f"(use restart: cold or reset)")
         return scenario
 
     def vm(self, node: Node, key: str) -> VmSpec:

@@ -68,6 +68,14 @@ class Target:
         """Blocks of spec.bsize the target offers on a region of `region_bytes`."""
         return region_bytes // self.spec.bsize
 
+    def snapshot_problem(self) -> str | None:
+        """Why a snapshot of a guest set up for this target would not restore as a power cycle
+        (state of the target left in guest RAM that `detach` does not clear), or None."""
+        if self.spec.client in ("fio", "ext4"):
+            return (f"the {self.spec.client} client keeps state in the guest that is not "
+                    f"detached before a snapshot")
+        return None
+
     # --- the guest ---
 
     def create_namespace(self, vm: GuestCommands) -> str:
@@ -228,6 +236,10 @@ class Btt8Blk(Target):
             return Layout.for_pool(self.spec.bsize, region_bytes).nblocks
         except Btt8Error:
             return 0
+
+    def snapshot_problem(self) -> str | None:
+        return ("the shim's nbdkit process and kernel NBD device hold the pool in guest RAM; "
+                "restoring them from a snapshot is not verified")
 
     def _deploy(self, vm: GuestCommands) -> None:
         if not isinstance(vm, VM):

@@ -180,3 +180,13 @@ def test_workload_config_is_what_the_agent_takes() -> None:
         "events": "/dev/virtio-ports/tb.events",
         "ops": 100,
     }
+
+
+def test_a_snapshot_restart_that_cannot_restore_safely_is_refused() -> None:
+    shim = VALID.replace("kind: btt8", "kind: btt8-blk")
+    assert "cuts.restart: snapshot cannot be restored safely" in error_of(shim)
+    assert parse_scenario(shim.replace("  count: 2\n", "  count: 2\n  restart: cold\n"))
+    kbtt_ext4 = VALID.replace("kind: btt8", "kind: kernel-btt").replace(
+        "  bsize: 4096\n", "  bsize: 4096\n  client: ext4\n")
+    assert error_of(kbtt_ext4.replace("  count: 2\n", "  count: 2\n  restart: snapshot\n")
+                    ).startswith("x.yaml:14: cuts.restart: snapshot cannot")
