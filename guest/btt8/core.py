@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import mmap
 import operator
 import os
@@ -54,7 +55,13 @@ PBA_MASK = (1 << 62) - 1
 _SCAN_CHUNK = 4096  # entries compared at a time against the initial map
 HUNGRY_AFTER = 3  # failed re-checks before a reader asks writers to hold off
 
-SUPER = struct.Struct("<8sQQQQQ")
+SUPER = struct.Struct("<8sQQQQQ")  # sig, bsize, nblocks, nfree, ttoff, dataoff
+SUPER_SUM = 8  # then BLAKE2b-64 of the five fields: one flipped bit is not a consistent pool
+SUPER_SIZE = SUPER.size + SUPER_SUM
+
+
+def _super_sum(fields: bytes) -> bytes:
+    return hashlib.blake2b(fields, digest_size=SUPER_SUM).digest()
 
 
 def cycle_count(cycle: int) -> int:
@@ -119,13 +126,16 @@ class Layout:
 
     @classmethod
     def from_super(cls, raw: bytes, poolsize: int, path: str | None = None) -> Layout:
-        sig, bsize, nblocks, nfree, ttoff, dataoff = SUPER.unpack(raw)
+        sig, bsize, nblocks, nfree, ttoff, dataoff = SUPER.unpack(raw[:SUPER.size])
         if sig != SIG:
             raise CorruptionError(f"bad signature {sig!r}, expected {SIG!r}", path)
         lay = cls(bsize, nblocks, nfree, ttoff, dataoff)
         problem = lay._inconsistency(poolsize)
         if problem:
             raise CorruptionError(f"inconsistent superblock: {problem}", path)
+        if raw[SUPER.size:SUPER_SIZE] != _super_sum(raw[len(SIG):SUPER.size]):
+            raise CorruptionError("inconsistent superblock: checksum mismatch (a field was "
+                                  "altered)", path)
         return lay
 
     def _inconsistency(self, poolsize: int) -> str:
@@ -141,10 +151,22 @@ class Layout:
             return f"data offset {self.dataoff} overlaps the table or is misaligned"
         if self.dataoff + self.tblocks * self.bsize > poolsize:
             return f"data area ends past the pool size {poolsize}"
+        # The fields must be what the sizing rule gives for the pool they describe (its block
+        # count K + 1 follows from dataoff and nblocks).
+        k = self.dataoff // self.bsize - 1 + self.nblocks + self.nfree
+        try:
+            sized = Layout.for_pool(self.bsize, (k + 1) * self.bsize)
+        except Btt8Error:
+            sized = None
+        if sized is None or (sized.nblocks, sized.dataoff) != (self.nblocks, self.dataoff):
+            return (f"block count {self.nblocks} and data offset {self.dataoff} do not follow "
+                    f"the sizing rule")
         return ""
 
     def pack(self, sig: bytes = SIG) -> bytes:
-        return SUPER.pack(sig, self.bsize, self.nblocks, self.nfree, self.ttoff, self.dataoff)
+        """The superblock: signature, fields, checksum of the fields."""
+        raw = SUPER.pack(sig, self.bsize, self.nblocks, self.nfree, self.ttoff, self.dataoff)
+        return raw + _super_sum(raw[len(SIG):])
 
 
 def initial_table(nblocks: int, nfree: int) -> bytearray:
@@ -572,7 +594,7 @@ class Pool:
     def __init__(self, pmem: Pmem, path: str | None = None) -> None:
         self.path = path
         self._pmem = pmem
-        raw = pmem.load(0, SUPER.size)
+        raw = pmem.load(0, SUPER_SIZE)
         lay = Layout.from_super(raw, pmem.size, path)
         self.layout = lay
         self.bsize = lay.bsize

@@ -400,3 +400,25 @@ def test_read_into_a_reused_memoryview(mem_pool: Pool) -> None:
     with pytest.raises(btt8.Btt8Error) as info:
         mem_pool.read_into(4, view[:511])
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw[:40] + (int.from_bytes(raw[40:48], "little") ^ (1 << 12)).to_bytes(8, "little")
+    + raw[48:],                                                             # dataoff bit flip
+    lambda raw: raw[:16] + (int.from_bytes(raw[16:24], "little") - 1).to_bytes(8, "little")
+    + raw[24:],                                                             # nblocks - 1
+    lambda raw: raw[:48] + bytes(8) + raw[56:],                             # checksum wiped
+], ids=["dataoff-bit", "nblocks-minus-1", "checksum"])
+def test_a_superblock_field_altered_alone_is_corruption(pool_path: Path, damage) -> None:
+    """Each field is checked against the others and the checksum: a pool that opened after
+    one of these would read another LBA's block (issue 11)."""
+    with pool_path.open("r+b") as f:
+        raw = f.read(64)
+        f.seek(0)
+        f.write(damage(raw))
+    before = sha(pool_path)
+    with pytest.raises(btt8.CorruptionError, match="inconsistent superblock"):
+        btt8.open(pool_path, 512)
+    with pytest.raises(btt8.CorruptionError):
+        btt8.check(str(pool_path), 512)
+    assert sha(pool_path) == before
