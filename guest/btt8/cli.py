@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.path}: ok: {info['nblocks']} blocks, every PBA used once, "
               f"{info['free_blocks']} free (nfree {info['nfree']})")
     elif args.command == "read":
-        with core.open(args.path) as pool:
+        with core.open(args.path, readonly=True) as pool:  # reading needs no write access
             data = pool.read(args.lba)
         if args.out == "-":
             sys.stdout.buffer.write(data)

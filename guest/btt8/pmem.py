@@ -377,18 +377,25 @@ class MappedPmem(Pmem):
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if create_size:
             flags |= os.O_CREAT | os.O_EXCL
-        self.fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        if create_size % 8:
+            raise OSError(errno.EINVAL, f"pool size {create_size}: not a multiple of 8", path)
+        # O_NONBLOCK: a FIFO or the like must be refused below, not waited on in open().
+        self.fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, mode)
         self.created = bool(create_size)
         try:
             _lock(self.fd, path, shared=readonly)
             st = os.fstat(self.fd)
             self.is_devdax = stat.S_ISCHR(st.st_mode)
             self.is_device = self.is_devdax or stat.S_ISBLK(st.st_mode)
+            if not (self.is_device or stat.S_ISREG(st.st_mode)):
+                raise OSError(errno.EINVAL, "not a pool file or a pmem device", path)
             if create_size and not self.is_device:
                 os.posix_fallocate(self.fd, 0, create_size)
             size = pool_size(self.fd, path)
             if size == 0:
                 raise OSError(errno.EINVAL, "pool is empty", path)
+            if size % 8:  # a pool's size is whole blocks; the table is read as 8-byte words
+                raise OSError(errno.EINVAL, f"pool size {size}: not a multiple of 8", path)
             prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
             buf = mmap.mmap(self.fd, size, mmap.MAP_SHARED, prot)
         except BaseException:

@@ -69,3 +69,41 @@ def test_check_reports_corruption_without_traceback_or_writes(tmp_path: Path) ->
         assert b"Traceback" not in result.stderr
         assert re.search(rb"corrupt: .*PBA 4101 is mapped by both LBA 4 and LBA 5", result.stderr)
     assert sha(pool) == before
+
+
+def test_files_that_are_no_pool_get_one_error_line(tmp_path: Path) -> None:
+    """A length not a multiple of 8, a FIFO (which used to hang `info`): exit 2, one line."""
+    odd = tmp_path / "odd"
+    odd.write_bytes(bytes((16 << 20) + 3))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, why in ((odd, b"not a multiple of 8"), (fifo, b"not a pool file")):
+        for command in ("info", "check"):
+            r = btt8(command, str(path))
+            assert r.returncode == 2 and why in r.stderr, r.stderr
+            assert b"Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_create_of_an_odd_size_leaves_nothing(tmp_path: Path) -> None:
+    import btt8 as lib
+
+    path = tmp_path / "pool"
+    try:
+        lib.create(str(path), 512, (16 << 20) + 3)
+    except lib.Btt8Error as e:
+        assert "multiple of 8" in str(e)
+    else:
+        raise AssertionError("created a pool of an odd size")
+    assert not path.exists()
+
+
+def test_read_opens_the_pool_read_only(tmp_path: Path) -> None:
+    pool = str(tmp_path / "pool")
+    assert btt8("create", pool, "--bsize", "512", "--pool-mib", "16").returncode == 0
+    with open(pool, "rb") as f:  # a shared lock: a read-write open would be refused EBUSY
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_SH)
+        r = btt8("read", pool, "3", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == bytes(512)
