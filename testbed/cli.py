@@ -230,6 +230,21 @@ def _image(args: argparse.Namespace) -> int:
 # --- bench ---
 
 
+def _explore(args: argparse.Namespace) -> int:
+    from testbed import explore
+
+    try:
+        code, out = explore.run(
+            Path(args.results), pool_mib=args.pool_mib, bsize=args.bsize, threads=args.threads,
+            ops=args.ops, lbas=args.lbas, seed=args.seed, preemptions=args.preemptions,
+            max_interleavings=args.max_interleavings)
+    except Exception as e:  # the tool failed, not the code under test
+        print(f"testbed explore: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print((out / "summary.json").read_text(), end="")
+    return code
+
+
 def _bench(args: argparse.Namespace) -> int:
     img = image_mod.build()
     launch_to_ssh, total = [], []
@@ -308,6 +323,15 @@ def _add_image(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="model-check BTT8's steps against ADR crash states "
+                       "(host only, no VM)")
+    for flag, default in (("--pool-mib", 16), ("--bsize", 512), ("--threads", 2), ("--ops", 3),
+                          ("--lbas", 1), ("--seed", 0), ("--preemptions", 2),
+                          ("--max-interleavings", 200)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=_explore)
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("boot", help="seconds from QEMU launch to ssh-ready")
