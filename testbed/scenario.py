@@ -329,8 +329,8 @@ class _Validator:
             raise self.fail(node, key, f"expected {what}, got {_describe(node)}")
         try:
             return _CONSTRUCTOR.construct_object(node)
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
-            # e.g. `!!int abc`, or an integer of more digits than Python converts
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, KeyError) as e:
+            # e.g. `!!int abc`, `!!bool maybe`, or an integer of more digits than Python converts
             raise self.fail(node, key, f"expected {what}, got {_printable(node.value, 40)!r}"
                                        f" ({type(e).__name__})") from e
 

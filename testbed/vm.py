@@ -124,6 +124,11 @@ class CommandFailed(VMError):
             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}", **kw)
 
 
+def _port_taken(stderr: str) -> bool:
+    """QEMU could not bind the SSH forward ("Could not set up host forwarding rule")."""
+    return "host forwarding rule" in stderr or "hostfwd" in stderr
+
+
 def free_port() -> int:
     """A currently free 127.0.0.1 TCP port (QEMU binds it a moment later; collisions retried)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -288,7 +293,7 @@ class VM(GuestCommands):
     def overlay(self) -> Path:
         return self.config.root_overlay or self.paths.overlay
 
-    def start(self, *, paused: bool = False, launch_attempts: int = 5) -> None:
+    def start(self, *, paused: bool = False, launch_attempts: int = 10) -> None:
         """Launch QEMU and connect QMP. Returns once QEMU runs the guest (not yet booted), or
         with `paused`, once QEMU is ready and the vCPUs wait for `cont` (to load a snapshot)."""
         self.paused = paused
@@ -300,11 +305,11 @@ class VM(GuestCommands):
                 self._launch()
                 self._post_launch()
                 return
-            except VMLaunchError as e:
-                self._reap()
-                # Another process took the port between free_port() and QEMU's bind: retry.
-                if "hostfwd" not in e.stderr_tail and "forwarding" not in e.stderr_tail \
-                        or attempt == launch_attempts - 1:
+            except VMLaunchError:
+                self._reap()  # QEMU has exited now: its stderr is complete
+                # Another process took the port between free_port() and QEMU's bind: retry
+                # with another port. Decided from the whole stderr, read after the exit.
+                if not _port_taken(self.stderr_tail(50)) or attempt == launch_attempts - 1:
                     self.cleanup()
                     raise
             except BaseException:

@@ -99,7 +99,7 @@ seed: 1
 vm: {{nvdimm: {{size_mib: 256}}}}
 target: {target}
 workload: {{threads: 1, lbas: 8, mix: {{write: 1}}, duration_s: 5}}
-cuts: {{count: 1, when: {{after_s: [1, 2]}}}}
+cuts: {{count: 1, restart: cold, when: {{after_s: [1, 2]}}}}
 """
 
 

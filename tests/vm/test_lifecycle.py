@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,28 @@ def test_cli_up_ssh_status_down_and_nvdimm_data_survives(image: image_mod.Image,
         _cli("down", "--all")
     assert not our_qemus(str(vm_base / "run"))
     assert "no guests" in _cli("status").stdout
+
+
+def test_a_busy_forward_port_gets_another_port_every_time(image: image_mod.Image, vm_base,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """Another process holds the port free_port() chose, for the first three tries of each of
+    ten launches: every launch ends on a free port, none gives up."""
+    from testbed import vm as vm_mod
+
+    real_free_port = vm_mod.free_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        for i in range(10):
+            tries = iter([taken, taken, taken])
+            monkeypatch.setattr(vm_mod, "free_port",
+                                lambda tries=tries: next(tries, None) or real_free_port())
+            vm = make_vm(image, vm_base, f"busyport{i}")
+            try:
+                vm.start()
+                assert vm.is_running() and vm.ssh_port not in (None, taken)
+                assert next(tries, None) is None  # all three collisions were met and retried
+            finally:
+                vm.cleanup()
+    assert not our_qemus(str(vm_base / "busyport0"))

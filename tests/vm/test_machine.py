@@ -102,7 +102,7 @@ def test_wrong_host_key_is_refused(booted: VM, tmp_path):
     g = SSHConnection(booted.ssh_port, booted.client_key, tmp_path / "known_hosts")  # type: ignore[arg-type]
     with pytest.raises(HostKeyMismatch):
         g.connect(timeout=10)
-    assert g._client is None
+    assert not g.connected
 
 
 def test_unknown_client_key_is_refused(booted: VM, tmp_path):
