@@ -321,8 +321,6 @@ class VM(GuestCommands):
         c = self.config
         self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.paths.dir, 0o700)  # QMP socket inside: private to this user
-        for f in (self.paths.qmp_socket, self.paths.pidfile):
-            f.unlink(missing_ok=True)
         for p in (c.kernel, c.initrd, c.root_disk):
             if not Path(p).is_file():
                 raise VMLaunchError(f"missing image file {p} (testbed image build)")
@@ -342,6 +340,9 @@ class VM(GuestCommands):
             port.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _launch(self) -> None:
+        # A socket left by a QEMU that failed to start would be taken for the new one's.
+        for f in (self.paths.qmp_socket, self.paths.pidfile):
+            f.unlink(missing_ok=True)
         self.ssh_port = free_port()
         assert self.accel is not None
         self.argv = QemuCommandLine(self.config, self.paths, accel=self.accel,
