@@ -66,6 +66,7 @@ EVENTS_PORT = "tb.events"
 EVENTS_DEVICE = f"/dev/virtio-ports/{EVENTS_PORT}"
 AGENT_PORT = "tb.agent"  # the resident agent's requests and answers
 AGENT_DEVICE = f"/dev/virtio-ports/{AGENT_PORT}"
+PUBLISH_EVERY_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Campaign:
         self.lock = threading.Lock()  # results, manifest and counters are shared by chains
         self.abort = threading.Event()  # a chain failed: the others stop after their round
         self.command_lines: list[list[str]] = []
+        self.published = 0.0  # when report.html was last rendered
 
     # --- the run ---
 
@@ -303,7 +305,11 @@ class Campaign:
         with self.lock:
             results.record_cut(cut, verdict.to_json(), phases.seconds, crash_image=crash_image,
                                cut_at_s=cut_at_s, worker=chain.index)
-            publish(results.run_dir)
+            # summary.json is current after every cut; the report and JUnit (rendered from the
+            # whole folder, ~50 ms a cut) at most every PUBLISH_EVERY_S, and at the end.
+            if time.monotonic() - self.published >= PUBLISH_EVERY_S:
+                publish(results.run_dir)
+                self.published = time.monotonic()
             self.cut_seconds += sum(phases.seconds.values())
             self.violations += sum(verdict.counts().values())
         crash_image.unlink()
