@@ -218,3 +218,24 @@ def test_rolled_back_acked_write_on_a_real_history_is_lost_ack(
     verdict = judge(config, events, dump)
     assert [(v.kind, v.lba) for v in verdict.violations] == [("lost-ack", lba)]
     assert verdict.violations[0].contradicts.op == acked["op"]
+
+
+def test_event_lines_survive_short_and_empty_writes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtio-serial port with a full queue takes part of a line, or nothing: every line
+    still arrives whole and in order (a lost invoke line left an orphan ok)."""
+    from tbagent import agent as agent_mod
+
+    real_write = os.write
+    takes = iter([0, 5, 0, 3])
+
+    def stingy(fd: int, data: bytes) -> int:
+        n = next(takes, None)
+        return real_write(fd, bytes(data[:n])) if n is not None else real_write(fd, data)
+
+    monkeypatch.setattr(agent_mod.os, "write", stingy)
+    log = agent_mod.EventLog(str(tmp_path / "ev"))
+    for i in range(3):
+        log.emit({"ev": "invoke", "op": i})
+    log.close()
+    assert [e["op"] for e in read_events(tmp_path / "ev")] == [0, 1, 2]
