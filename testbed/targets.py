@@ -47,6 +47,14 @@ class TargetUnrecoverable(Exception):
     `unrecoverable` verdict on the target, not a testbed failure."""
 
 
+def btt8_capacity(bsize: int, pool_bytes: int) -> int:
+    """LBAs of a BTT8 pool of `pool_bytes` (the core's own sizing rule); 0 if too small."""
+    try:
+        return Layout.for_pool(bsize, pool_bytes).nblocks
+    except Btt8Error:
+        return 0
+
+
 class Target:
     kind: ClassVar[str]
     namespace: ClassVar[str | None] = None  # the `target.namespace` value selecting this driver
@@ -127,10 +135,7 @@ class Btt8OnDevdax(Target):
         return None
 
     def capacity(self, region_bytes: int) -> int:
-        try:
-            return Layout.for_pool(self.spec.bsize, region_bytes).nblocks
-        except Btt8Error:
-            return 0
+        return btt8_capacity(self.spec.bsize, region_bytes)
 
     def agent_target(self) -> dict[str, Any]:
         target = super().agent_target()
@@ -232,10 +237,7 @@ class Btt8Blk(Target):
         return None
 
     def capacity(self, region_bytes: int) -> int:
-        try:
-            return Layout.for_pool(self.spec.bsize, region_bytes).nblocks
-        except Btt8Error:
-            return 0
+        return btt8_capacity(self.spec.bsize, region_bytes)
 
     def snapshot_problem(self) -> str | None:
         return ("the shim's nbdkit process and kernel NBD device hold the pool in guest RAM; "
