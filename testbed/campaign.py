@@ -255,6 +255,10 @@ class Campaign:
         """A testbed failure in `chain`: one line, details to failure.txt, the others stop."""
         self.abort.set()
         summary, detail = describe_failure(chain.where, error)
+        if chain.machine is not None and "guest console" not in detail:
+            # a hung guest or agent: what the guest said last is the evidence
+            detail += ("\n" if detail else "") + ("guest console (last lines):\n"
+                                                  + chain.machine.vm.console_tail(30))
         if self.jobs > 1:
             summary = f"chain {chain.index} {summary}"
         with self.lock:

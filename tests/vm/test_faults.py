@@ -95,11 +95,12 @@ def test_agent_printing_garbage(image: object, tmp_path: Path) -> None:
 
 
 def test_recovery_hanging(image: object, tmp_path: Path) -> None:
-    code, summary, _ = run_scenario(
+    code, summary, run = run_scenario(
         tmp_path, {"TBAGENT_TEST_FAULT": "hang-recovery"},
         cuts={"count": 1, "when": {"after_s": [0.5, 0.5]}},
         timeouts={"boot_s": 300, "workload_s": 60, "recover_s": 20})
     assert_failed(code, summary, "cut 1 recover: VMTimeout", "timed out after 20")
+    assert "guest console (last lines)" in (run / "failure.txt").read_text()  # the evidence
 
 
 def test_worker_killed_by_the_target_is_a_violation(image: object, tmp_path: Path) -> None:
