@@ -121,13 +121,15 @@ def test_broken_btt8_is_caught(image: object, tmp_path: Path) -> None:
         assert kept.is_file() == (not verdict["ok"]), verdict_file
 
 
-def test_guest_that_never_gets_ready_is_a_testbed_failure(image: object, tmp_path: Path) -> None:
+def test_guest_that_never_gets_ready_is_a_testbed_failure(image: object, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A boot deadline that cannot be met: exit 2 with the reason recorded, never a pass, and
     no QEMU left behind."""
     data = yaml.safe_load(SMOKE.read_text())
     data["timeouts"]["boot_s"] = 0.5
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("TESTBED_SNAPSHOT_CACHE", str(tmp_path / "snapshots"))  # boot, not load
     code = campaign.run(scenario, tmp_path / "results")
     run = _only_run(tmp_path / "results")
     summary = json.loads((run / "summary.json").read_text())

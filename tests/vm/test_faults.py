@@ -35,7 +35,10 @@ def run_scenario(tmp_path: Path, guest_env: dict[str, str] | None = None,
     data.update(changes)
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(data))
-    code = campaign.run(scenario, tmp_path / "results", guest_env=guest_env)
+    # A snapshot cached by an earlier test would skip the very setup a fault is injected into.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESTBED_SNAPSHOT_CACHE", str(tmp_path / "snapshots"))
+        code = campaign.run(scenario, tmp_path / "results", guest_env=guest_env)
     (run,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
     assert not our_qemus(f"/testbed-run-{run.name[:32]}-"), "QEMU outlived the run"
     return code, json.loads((run / "summary.json").read_text()), run
