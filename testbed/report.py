@@ -282,7 +282,7 @@ def _evidence_line(v: dict[str, Any], start_ns: float | None = None) -> str:
             return str(ns)
         return f"t+{(ns - start_ns) / 1e9:.6f} s" if start_ns is not None else f"{ns} ns"
 
-    where = f"lba {v['lba']}: " if v["lba"] is not None else ""
+    where = f"lba {v['lba']}: " if v.get("lba") is not None else ""
     parts = [f"{v['kind']}: {where}{v['detail']}"]
     if v.get("survivor"):
         parts.append(f"survivor {_value(v['survivor'])}")
@@ -527,7 +527,7 @@ def _cut_section(run_dir: Path, c: dict[str, Any], problems: list[str]) -> str:
     events, note = _report_events(events_path, f"cut-{n}/{EVENTS}")
     if note:
         problems.append(note)
-    bad_lbas = {v["lba"] for v in c["violations"] if v["lba"] is not None}
+    bad_lbas = {v.get("lba") for v in c["violations"]} - {None}  # lba: optional
     start = next((e["t"] for e in events if e["ev"] == "start"), None)
     parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
     if c["violations"]:

@@ -231,3 +231,15 @@ def test_progress_line() -> None:
     assert progress_line(3, 24, "boot", 61, 0, eta_s=370.2) == (
         "cut 3/24  boot      elapsed 1m01s  eta 6m10s  violations 0"
     )
+
+
+def test_a_violation_without_its_lba_still_renders(run: RunResults, tmp_path: Path) -> None:
+    """`lba` is optional in a verdict's violations (found by the damaged-folder property test:
+    a dropped key raised KeyError in the report)."""
+    record_three_cuts(run, tmp_path)
+    path = run.run_dir / "cut-2" / "verdict.json"
+    verdict = json.loads(path.read_text())
+    del verdict["violations"][0]["lba"]
+    path.write_text(json.dumps(verdict))
+    publish(run.run_dir)
+    assert "lost-ack" in (run.run_dir / "report.html").read_text()
