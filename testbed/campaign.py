@@ -60,7 +60,7 @@ from testbed.results import (
 )
 from testbed.scenario import Scenario, load_scenario
 from testbed.targets import Target, TargetUnrecoverable, make_target
-from testbed.vm import VM, SerialPort, qemu_version
+from testbed.vm import VM, SerialPort, VMError, VMTimeout, qemu_version
 
 EVENTS_PORT = "tb.events"
 EVENTS_DEVICE = f"/dev/virtio-ports/{EVENTS_PORT}"
@@ -392,11 +392,20 @@ class Campaign:
     def _agent_up(self, machine: Machine) -> None:
         """A booted guest gets the packages and its resident agent (over SSH); a restored one
         has both. Either way the agent's port answers a ping before this returns."""
+        booted = machine.fresh
         if machine.fresh:
             self.agent.deploy(machine.vm)
             self.agent.serve(machine.vm, AGENT_DEVICE)
             machine.fresh = False
-        machine.agent.connect(self.scenario.timeouts.boot_s)
+        try:
+            machine.agent.connect(self.scenario.timeouts.boot_s)
+        except VMTimeout as e:
+            if booted:  # SSH is up: is the agent dead, or is the port losing requests?
+                with contextlib.suppress(VMError):
+                    ps = machine.vm.execute("ps", timeout=30).stdout
+                    e.message += "; guest processes:\n" + "\n".join(
+                        line for line in ps.splitlines() if "tbagent" in line or "PID" in line)
+            raise
 
     def _setup(self, chain: Chain) -> None:
         """First boot only: the target's namespace and setup, format, the restart strategy's

@@ -62,10 +62,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def serve(path: str) -> None:
-    """Answer requests on the port for ever. While the host side is not connected the port
-    reports a hang-up: wait for it to come back (a restored guest meets a new QEMU)."""
-    fd = os.open(path, os.O_RDWR)
+def serve(fd: int) -> None:
+    """Answer requests on the open port for ever. While the host side is not connected the
+    port reports a hang-up: wait for it to come back (a restored guest meets a new QEMU)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     pending = b""
@@ -108,7 +107,11 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (1, 2) or (len(argv) == 2 and argv[1] != "--detach"):
         print("usage: python3 -m tbagent serve PORT [--detach]", file=sys.stderr)
         return 2
+    # Open before detaching: the SSH command that starts the agent fails with the reason if the
+    # port cannot be opened, and returns only once the port is open (so the host's first
+    # request finds a reader).
+    fd = os.open(argv[0], os.O_RDWR)
     if len(argv) == 2:
         detach()
-    serve(argv[0])
+    serve(fd)
     return 0
