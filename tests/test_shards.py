@@ -73,3 +73,16 @@ def test_merge_refuses_overlapping_or_foreign_folders(tmp_path: Path) -> None:
     assert main(["report", "merge", str(tmp_path / "m2"), str(one.run_dir),
                  str(foreign.run_dir)]) == 2
     assert main(["report", "merge", str(tmp_path / "m3")]) == 2
+
+
+def test_merge_refuses_a_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard is read with the same checks as `testbed report`: a truncated verdict of a
+    violating cut is reported, not merged around (which would drop that failure)."""
+    shards = [_run(tmp_path / "b", Shard(i, 2), lose_ack_at=2) for i in (1, 2)]
+    verdict = shards[1].run_dir / "cut-2" / "verdict.json"
+    verdict.write_text(verdict.read_text()[:40])
+    out = tmp_path / "merged"
+    assert main(["report", "merge", str(out), *(str(s.run_dir) for s in shards)]) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[1].run_dir} is damaged: cut-2/verdict.json: " in err, err
+    assert not out.exists()
