@@ -1,6 +1,6 @@
 """`testbed run --resume RUN_DIR` on the host: what a resume restores from an interrupted run
 folder (op offsets, the resume image, the discarded unfinished cut) and every refusal (exit 2,
-one line, the folder untouched). The VM test (tests/vm/test_resume.py) kills a real campaign."""
+one line, the folder untouched). tests/vm/test_resume.py kills and resumes a real campaign."""
 
 from __future__ import annotations
 
