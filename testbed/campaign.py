@@ -326,7 +326,7 @@ class Campaign:
         assert machine is not None
         phases = Phases(on_enter=lambda name: self._progress(chain, cut, name))
         config = s.workload_config(target.agent_target(), EVENTS_DEVICE, cut, chain.resume)
-        crash_image = results.resume_image(chain.index, cut)  # kept until the next cut's
+        crash_image = results.resume_image(chain.index, cut)  # the resume point, once recorded
         with phases("workload"):
             runner = self.agent.start(machine.agent, "workload", config,
                                       s.timeouts.workload_s + 30)

@@ -140,3 +140,17 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "guest packages" in _refused(capsys, guest.run_dir)
 
     assert main(["run"]) == 2  # neither a scenario nor --resume
+
+
+def test_only_the_last_crash_image_is_kept_and_only_until_the_run_completes(
+        tmp_path: Path) -> None:
+    run = _interrupted(tmp_path, finished=2, release=False)
+    assert sorted(p.name for p in (run.run_dir / RESUME_DIR).iterdir()) == \
+        ["chain1-cut2.img", "chain1-cut3.img.part", "lock"]
+    run.record_failure("interrupted")
+    assert run.finish() == 2
+    assert (run.run_dir / RESUME_DIR / "chain1-cut2.img").is_file()  # resumable
+    run.record_cut(3, synthetic_cut(run.cut_dir(3), 3, lose_ack=False), PHASES)
+    run.failure = None
+    assert run.finish() == 0
+    assert not (run.run_dir / RESUME_DIR).exists()
