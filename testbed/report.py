@@ -277,6 +277,8 @@ def merge(out: Path, run_dirs: list[Path]) -> RunResults:
     stops = [f"shard {name}: {s['stopped']}" for name, s in shard_notes if s.get("stopped")]
     merged.failure = "; ".join(failures) or None
     merged.stopped = "; ".join(stops) or None
+    merged.resumed = [{**r, "shard": name} for name, s in shard_notes
+                      for r in s.get("resumed") or []]
     merged.elapsed_s = max(s.get("elapsed_s") or 0.0 for s in summaries)  # shards run at once
     copy_atomic(run_dirs[0] / "scenario.yaml", out / "scenario.yaml")
     manifests = [run.manifest for run in shards]

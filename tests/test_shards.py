@@ -86,3 +86,15 @@ def test_merge_refuses_a_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert f"{shards[1].run_dir} is damaged: cut-2/verdict.json: " in err, err
     assert not out.exists()
+
+
+def test_a_resumed_shard_stays_noted_in_the_merge(tmp_path: Path) -> None:
+    shards = [_run(tmp_path / "b", Shard(i, 2), lose_ack_at=0) for i in (1, 2)]
+    summary_path = shards[1].run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["resumed"] = [{"at": "2026-11-27T10:00:00+00:00", "cuts_done": 0}]
+    summary_path.write_text(json.dumps(summary))
+    out = tmp_path / "merged"
+    assert main(["report", "merge", str(out), *(str(s.run_dir) for s in shards)]) == 0
+    (note,) = json.loads((out / "summary.json").read_text())["resumed"]
+    assert note["shard"] == "2/2" and "Resumed" in (out / "report.html").read_text()
