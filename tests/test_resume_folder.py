@@ -15,7 +15,7 @@ from testbed import events as events_mod
 from testbed import oracle
 from testbed.cli import main
 from testbed.guest_agent import stage
-from testbed.results import RESUME_DIR, RunResults
+from testbed.results import RESUME_DIR, RunResults, Shard
 from testbed.resume import ResumeError, prepare
 from testbed.scenario import load_scenario
 
@@ -24,25 +24,25 @@ def _guest_hash(tmp: Path) -> str:
     return stage(tmp / "stage")[1]
 
 
-def _interrupted(tmp_path: Path, finished: int, cuts_total: int | None = None,
-                 release: bool = True, jobs: int = 1) -> RunResults:
+def _interrupted(tmp_path: Path, finished: int, release: bool = True, jobs: int = 1,
+                 shard: Shard | None = None) -> RunResults:
     """A run folder as a SIGKILLed orchestrator leaves it: `finished` cuts recorded, each
     chain's last crash image kept, the next cut half done (a cut folder without verdict, a
     partial crash image copy)."""
     scenario = load_scenario(SMOKE)
     run = RunResults.create(tmp_path / "results", scenario, SMOKE,
                             {"jobs": jobs, "guest_package_sha256": _guest_hash(tmp_path)},
-                            run_id="r")
-    for n in range(1, finished + 1):
-        chain = (n - 1) % jobs + 1
+                            run_id="r", shard=shard)
+    for i, n in enumerate(run.planned[:finished]):
+        chain = i % jobs + 1
         image = run.resume_image(chain, n)
         image.write_bytes(b"media after cut %d" % n)
         run.record_cut(n, synthetic_cut(run.cut_dir(n), n, lose_ack=False), PHASES)
         run.keep_resume_point(chain, n)
     if finished < len(run.planned):
-        partial = run.cut_dir(finished + 1)
+        partial = run.cut_dir(run.planned[finished])
         (partial / "console.log").write_text("half a round\n")
-        run.resume_image(1, finished + 1).with_suffix(".img.part").write_bytes(b"par")
+        run.resume_image(1, run.planned[finished]).with_suffix(".img.part").write_bytes(b"par")
     if release:  # the orchestrator is dead: its lock is gone
         assert run._lock_fd is not None
         os.close(run._lock_fd)
@@ -85,6 +85,16 @@ def test_jobs_chains_resume_from_their_own_last_cut(tmp_path: Path) -> None:
     finally:
         os.close(resumed.results._lock_fd or -1)
     assert main(["run", "--resume", str(run.run_dir), "--jobs", "1"]) == 2
+
+
+def test_a_shard_resumes_as_that_shard(tmp_path: Path) -> None:
+    run = _interrupted(tmp_path, finished=1, shard=Shard(1, 2))  # cuts 1 and 3 of 3
+    resumed = prepare(run.run_dir)
+    try:
+        assert resumed.results.shard == Shard(1, 2) and resumed.results.planned == [1, 3]
+        assert resumed.points[1].cut == 1 and resumed.results.resumed[0]["redone"] == [3]
+    finally:
+        os.close(resumed.results._lock_fd or -1)
 
 
 def _refused(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str) -> str:
