@@ -67,7 +67,7 @@ class Resumed:
 def prepare(run_dir: Path, scenario_file: Path | None = None,
             jobs: int | None = None) -> Resumed:
     """Check `run_dir` can be resumed, lock it, discard what an unfinished cut left; the state
-    the campaign goes on from. Raises ResumeError before changing anything."""
+    the campaign goes on from. ResumeError (the folder unchanged) when it cannot be resumed."""
     for name in ("scenario.yaml", "manifest.json", "summary.json"):
         if not (run_dir / name).is_file():
             raise ResumeError(f"{run_dir} is not a run folder (no {name})")
