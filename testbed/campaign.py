@@ -6,6 +6,7 @@ workload, cuts the power when the trigger fires, restarts the machine (testbed.r
 recovers and dumps the target, and judges the round (testbed.oracle). What is specific to a
 target lives in its driver (testbed.targets), what is specific to a cut mode in its restart
 strategy. `--jobs N` runs N chains of rounds at once, each on its own guest and media.
+`--resume RUN_DIR` goes on from each chain's last finished cut (testbed.resume).
 
 Acks stream from the guest agent through a virtio-serial port whose host side is a plain file:
 a blocking write to the port returns only after QEMU took the bytes, so an event the guest got
@@ -39,12 +40,13 @@ from typing import Any
 from testbed import accel as accel_mod
 from testbed import events as events_mod
 from testbed import image as image_mod
-from testbed import oracle, snapshot
+from testbed import oracle, snapshot, workdir
+from testbed import resume as resume_mod
 from testbed import targets as targets_mod
 from testbed.channel import AgentChannel
 from testbed.clients import make_client
 from testbed.guest_agent import Agent, Background, stage
-from testbed.nvdimm import MiB, NvdimmSpec
+from testbed.nvdimm import MiB, NvdimmSpec, copy_crash_image
 from testbed.report import publish
 from testbed.restart import RESTARTS, Machine, Restart, SnapshotRestart
 from testbed.results import (
@@ -128,12 +130,14 @@ class Campaign:
     guest_env: dict[str, str] = field(default_factory=dict)
     shard: Shard | None = None  # run only this deterministic slice of the cuts
     jobs: int = 1  # chains of rounds at once
+    resumed: resume_mod.Resumed | None = None  # `--resume`: the run folder and where it stood
 
     def __post_init__(self) -> None:
         self.client = make_client(self.scenario.target.client)  # drives and judges the target
         self.started = time.monotonic()
         self.violations = 0
         self.cut_seconds = 0.0  # spent in finished cut rounds, for the ETA
+        self.session_cuts = 0  # cut rounds finished by this process, for the ETA
         self.chains: list[Chain] = []
         self.lock = threading.Lock()  # results, manifest and counters are shared by chains
         self.abort = threading.Event()  # a chain failed: the others stop after their round
@@ -145,19 +149,27 @@ class Campaign:
     def run(self) -> int:
         """The campaign; its exit code. Never raises (but KeyboardInterrupt is recorded)."""
         s = self.scenario
-        try:
-            results = RunResults.create(self.results_root, s, self.scenario_path, {},
-                                        shard=self.shard)
-        except OSError as e:
-            self.say(f"testbed: cannot create a run folder under {self.results_root}: {e}")
-            return 2
+        if self.resumed is not None:
+            results = self.resumed.results
+            self.command_lines = list(self.resumed.command_lines)
+        else:
+            try:
+                results = RunResults.create(self.results_root, s, self.scenario_path,
+                                            {"jobs": self.jobs}, shard=self.shard)
+            except OSError as e:
+                self.say(f"testbed: cannot create a run folder under {self.results_root}: {e}")
+                return 2
         self.results = results
-        self.say(f"run {results.run_dir}")
-        # Named after the run: `ps` tells which run a QEMU (whose state lives here) belongs to;
-        # short, since QEMU's unix sockets live below it (a socket path has 107 bytes at most).
-        self.work = Path(tempfile.mkdtemp(prefix=f"testbed-run-{results.run_dir.name[:32]}-"))
+        self.violations = sum(sum(c["counts"].values()) for c in results.cuts)
+        self.say(f"{'resume' if self.resumed else 'run'} {results.run_dir}")
+        for stale in workdir.remove_abandoned():
+            self.say(f"removed {stale} (the temp folder of a testbed run that died)")
+        # Named after the run: `ps` tells which run a QEMU (whose state lives here) belongs to.
+        self.workdir = workdir.create(results.run_dir.name)
+        self.work = self.workdir.path
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-        first = self._chain(0)
+        live = [j for j in range(self.jobs) if self._chain_cuts(j)]  # all but on a resume
+        first = self._chain(live[0])
         try:
             phases = Phases(on_enter=lambda name: self._progress(first, 0, name))
             with phases("image"):
@@ -169,7 +181,7 @@ class Campaign:
             self.cache = self._snapshot_cache(first.restart)
             # The first chain sets up (and fills the snapshot cache) before the others start.
             self._start(first)
-            self.chains = [first] + [self._chain(j) for j in range(1, self.jobs)]
+            self.chains = [first] + [self._chain(j) for j in live[1:]]
             workers = [threading.Thread(target=self._chain_main, args=(chain,),
                                         name=f"chain-{chain.index}", daemon=True)
                        for chain in self.chains[1:]]
@@ -189,7 +201,7 @@ class Campaign:
             for chain in self.chains or [first]:
                 if chain.machine is not None:
                     chain.machine.vm.cleanup()  # never leave a QEMU behind, whatever happened
-            shutil.rmtree(self.work, ignore_errors=True)
+            self.workdir.remove()
             self._update_manifest()  # every boot's QEMU command line
         code = results.finish()
         publish(results.run_dir)
@@ -198,14 +210,21 @@ class Campaign:
                  f"{done['cuts_with_violations']} with violations"
                  f"{' ' + json.dumps(done['violations']) if done['violations'] else ''}, "
                  f"{done['cuts_per_min']} cuts/min -> {results.run_dir / 'report.html'}")
+        if done["cuts"] < done["cuts_planned"] and not done["stopped"]:
+            self.say(f"testbed run --resume {results.run_dir} goes on from the last finished "
+                     f"cut")
         return code
 
+    def _chain_cuts(self, j: int) -> list[int]:
+        """Chain j takes every jobs-th of this run's cuts (those not finished yet)."""
+        done = {c["cut"] for c in self.results.cuts}
+        return [cut for cut in self.results.planned[j::self.jobs] if cut not in done]
+
     def _chain(self, j: int) -> Chain:
-        """Chain j takes every jobs-th of this run's cuts."""
         s = self.scenario
         work = self.work / f"chain-{j + 1}"
         work.mkdir()
-        return Chain(j + 1, self.results.planned[j::self.jobs], work,
+        return Chain(j + 1, self._chain_cuts(j), work,
                      NvdimmSpec(work / "nvdimm0.img", s.vm.nvdimm.size_mib * MiB,
                                 s.vm.nvdimm.label_kib * 1024),
                      make_target(s.target), RESTARTS[s.cuts.restart](),
@@ -239,6 +258,36 @@ class Campaign:
         with self.lock:
             for name, seconds in phases.seconds.items():
                 self.results.record_phase(name, seconds)
+        point = self.resumed.points.get(chain.index) if self.resumed else None
+        if point is not None:
+            self._restore(chain, point)
+
+    def _restore(self, chain: Chain, point: resume_mod.ResumePoint) -> None:
+        """--resume: the chain's media as its last finished cut's recovery left them, by
+        recovering that cut's crash image again in a new guest (which must find what the run
+        recorded); the oracle's initial values and the op offsets as they were after it."""
+        assert chain.machine is not None
+        phases = Phases(on_enter=lambda name: self._progress(chain, point.cut, name))
+        with phases("resume"):
+            chain.machine.agent.close()
+            chain.machine.vm.crash("quit")
+            chain.machine = None
+            copy_crash_image(point.image, chain.nvdimm.backing)
+            chain.machine = self._boot(chain, point.cut, restore=chain.restart.chain_overlay)
+            recovery = self._recover(chain)
+        recorded = json.loads((self.results.cut_dir(point.cut) / RECOVERY).read_text())
+        for key in ("ok", "blocks", "nblock"):
+            if recovery.get(key) != recorded.get(key):
+                raise CampaignError(f"recovering cut {point.cut}'s crash image again gave "
+                                    f"another `{key}` than the run recorded: the media cannot "
+                                    f"be restored as they were")
+        with self.lock:
+            self.results.record_phase("resume", phases.seconds["resume"])
+        chain.resume, chain.last_cut = point.resume, point.cut
+        chain.initial = oracle.initial_state(recovery)
+        self.say(f"{self._tag(chain)}cut {point.cut}: media restored from its crash image")
+        if not recovery.get("ok"):
+            self._unrecoverable(chain, point.cut)
 
     def _rounds(self, chain: Chain) -> None:
         for cut in chain.cuts:
@@ -277,7 +326,7 @@ class Campaign:
         assert machine is not None
         phases = Phases(on_enter=lambda name: self._progress(chain, cut, name))
         config = s.workload_config(target.agent_target(), EVENTS_DEVICE, cut, chain.resume)
-        crash_image = chain.work / "crash.img"
+        crash_image = results.resume_image(chain.index, cut)  # the resume point, once recorded
         with phases("workload"):
             runner = self.agent.start(machine.agent, "workload", config,
                                       s.timeouts.workload_s + 30)
@@ -314,9 +363,10 @@ class Campaign:
             if time.monotonic() - self.published >= PUBLISH_EVERY_S:
                 publish(results.run_dir)
                 self.published = time.monotonic()
+            results.keep_resume_point(chain.index, cut)
             self.cut_seconds += sum(phases.seconds.values())
+            self.session_cuts += 1
             self.violations += sum(verdict.counts().values())
-        crash_image.unlink()
         chain.last_cut = cut
         counts = verdict.counts()
         self.say(f"{self._tag(chain)}cut {cut}: "
@@ -353,10 +403,10 @@ class Campaign:
         chain.where = f"cut {cut} {phase}" if cut else phase
         log.info("phase %s%s", self._tag(chain), chain.where)
         elapsed = time.monotonic() - self.started
-        done = len(self.results.cuts)
+        left = len(self.results.planned) - len(self.results.cuts)
         eta = None
-        if done:  # chains run side by side: their finished rounds' time over the jobs
-            eta = self.cut_seconds / done * (len(self.results.planned) - done) / self.jobs
+        if self.session_cuts:  # chains run side by side: their finished rounds' time over jobs
+            eta = self.cut_seconds / self.session_cuts * left / self.jobs
         self.say(self._tag(chain) + progress_line(cut, self.scenario.cuts.count, phase, elapsed,
                                                   self.violations, eta))
 
@@ -552,3 +602,15 @@ def run(scenario_path: str | Path, results_root: str | Path = "results",
     jobs = max(1, min(jobs or default_jobs(scenario.vm.memory_mib), planned))
     return Campaign(scenario, path, Path(results_root), guest_env=dict(guest_env or {}),
                     shard=shard, jobs=jobs).run()
+
+
+def resume(run_dir: str | Path, scenario_path: str | Path | None = None,
+           jobs: int | None = None, guest_env: dict[str, str] | None = None) -> int:
+    """Go on with an interrupted campaign in its run folder (testbed.resume); the exit code as
+    for the whole run. ResumeError (exit 2) when it cannot be resumed."""
+    resumed = resume_mod.prepare(Path(run_dir), Path(scenario_path) if scenario_path else None,
+                                 jobs)
+    results = resumed.results
+    return Campaign(resumed.scenario, results.run_dir / "scenario.yaml", results.run_dir.parent,
+                    guest_env=dict(guest_env or {}), shard=results.shard, jobs=resumed.jobs,
+                    resumed=resumed).run()

@@ -27,8 +27,9 @@ from testbed.guest_agent import Agent, stage
 from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
-from testbed.report import publish
-from testbed.results import MergeError, Shard, merge
+from testbed.report import MergeError, merge, publish
+from testbed.results import Shard
+from testbed.resume import ResumeError
 from testbed.scenario import ScenarioError
 from testbed.ssh import SSHError, plain_ssh_argv
 from testbed.targets import BTT8_BLK_NAME, BTT8CTL
@@ -345,8 +346,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return campaign.run(args.scenario, args.results, shard=args.shard, jobs=args.jobs)
-    except ScenarioError as e:
+        if args.resume is not None:
+            if args.shard is not None or args.results is not None:
+                _say("testbed run --resume: the run folder fixes the shard and where results "
+                     "go (no --shard, --results)")
+                return 2
+            return campaign.resume(args.resume, args.scenario, jobs=args.jobs)
+        if args.scenario is None:
+            _say("testbed run: give a SCENARIO (or --resume RUN_DIR)")
+            return 2
+        return campaign.run(args.scenario, args.results or "results", shard=args.shard,
+                            jobs=args.jobs)
+    except (ScenarioError, ResumeError) as e:
         _say(f"testbed: {e}")
         return 2
 
@@ -414,8 +425,13 @@ def _replay(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a power-cut campaign (exit 0 clean, 1 violations, "
                                    "2 testbed failure)")
-    p.add_argument("scenario", help="scenario YAML file, e.g. scenarios/powercut.yaml")
-    p.add_argument("--results", default="results", help="where run folders go")
+    p.add_argument("scenario", nargs="?",
+                   help="scenario YAML file, e.g. scenarios/powercut.yaml (with --resume: "
+                        "optional, and must be the run's own)")
+    p.add_argument("--results", default=None, help="where run folders go (default: results)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with an interrupted run from each chain's last finished cut, "
+                        "in its folder, with its scenario, shard and --jobs")
     p.add_argument("--shard", type=_parse_shard, metavar="I/N",
                    help="run only cuts I, I+N, I+2N, ... (merge shards with testbed report merge)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from testbed import events as events_mod
-from testbed.results import EVENTS, VERDICT, write_bytes_atomic, write_text_atomic
+from testbed.results import (
+    EVENTS,
+    VERDICT,
+    RunResults,
+    copy_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 KIND_COLOURS = {"write": "#3b82c4", "zero": "#9aa5b1", "read": "#4caf6e"}
 PHASE_COLOURS = ["#3b82c4", "#e0a030", "#4caf6e", "#b05cc4", "#d9534f", "#5bc0de", "#8d6e63",
@@ -83,6 +92,9 @@ SUMMARY_FIELDS: dict[str, Any] = {  # key -> validity test (absent optional keys
     "workers": _mapping_of(lambda w: isinstance(w, dict) and _count(w.get("cuts"))
                            and _finite(w.get("cuts_per_min"))
                            and _mapping_of(_finite)(w.get("phases_s"))),
+    "resumed": lambda x: isinstance(x, list) and all(
+        isinstance(r, dict) and isinstance(r.get("at"), str) and _count(r.get("cuts_done"))
+        for r in x),
 }
 SUMMARY_REQUIRED = ("status", "cuts", "violations")
 
@@ -92,7 +104,13 @@ def _valid_violation(v: Any) -> bool:
             and (v.get("lba") is None or _count(v.get("lba")))
             and isinstance(v.get("detail"), str)
             and (v.get("survivor") is None or isinstance(v.get("survivor"), dict))
-            and (v.get("contradicts") is None or isinstance(v.get("contradicts"), dict)))
+            and (v.get("contradicts") is None or _valid_contradicts(v["contradicts"])))
+
+
+def _valid_contradicts(c: Any) -> bool:
+    """The op a violation contradicts: its thread and op number index the timeline."""
+    return isinstance(c, dict) and all(c.get(k) is None or _count(c.get(k))
+                                       for k in ("thread", "op"))
 
 
 VERDICT_FIELDS: dict[str, Any] = {
@@ -216,6 +234,58 @@ def _check_consistency(run: RunFolder) -> None:
                             f"verdicts add up to {json.dumps(dict(found))}")
     elif s.get("status") == "passed" and found:
         run.problems.append("summary.json says passed, the verdicts hold violations")
+
+
+class MergeError(ValueError):
+    """Run folders that are not shards of one campaign, or a damaged one."""
+
+
+def merge(out: Path, run_dirs: list[Path]) -> RunResults:
+    """One run folder from shard folders: every cut folder copied, one summary over all of
+    them (status and exit code as for a single run over every cut), JUnit and report by the
+    caller (publish). Each shard is read with load_run's checks: a damaged one is refused
+    (MergeError naming it and what is wrong), never merged around."""
+    from testbed.scenario import parse_scenario
+
+    shards = []
+    for d in run_dirs:
+        run = load_run(d)
+        if run.problems:
+            more = f" (+{len(run.problems) - 1} more)" if len(run.problems) > 1 else ""
+            raise MergeError(f"{d} is damaged: {run.problems[0]}{more}")
+        shards.append(run)
+    texts = {(d / "scenario.yaml").read_text() for d in run_dirs}
+    if len(texts) != 1:
+        raise MergeError("the run folders ran different scenarios: not shards of one campaign")
+    out.mkdir(parents=True)
+    scenario = parse_scenario(texts.pop(), str(run_dirs[0] / "scenario.yaml"))
+    merged = RunResults(out, scenario)
+    for d, run in zip(run_dirs, shards, strict=True):
+        for cut_dir in sorted(p for p in d.glob("cut-*") if CUT_DIR.fullmatch(p.name)):
+            dst = out / cut_dir.name
+            if dst.exists():
+                raise MergeError(f"{cut_dir.name} is in more than one run folder")
+            shutil.copytree(cut_dir, dst)
+        merged.cuts += run.cuts
+    merged.cuts.sort(key=lambda c: c["cut"])
+    summaries = [run.summary for run in shards]
+    for summary in summaries:
+        for phase, seconds in (summary.get("run_phases_s") or {}).items():
+            merged.run_phases[phase] = merged.run_phases.get(phase, 0.0) + seconds
+    shard_notes = [(s.get("shard") or d.name, s) for d, s in zip(run_dirs, summaries, strict=True)]
+    failures = [f"shard {name}: {s['failure']}" for name, s in shard_notes if s.get("failure")]
+    stops = [f"shard {name}: {s['stopped']}" for name, s in shard_notes if s.get("stopped")]
+    merged.failure = "; ".join(failures) or None
+    merged.stopped = "; ".join(stops) or None
+    merged.resumed = [{**r, "shard": name} for name, s in shard_notes
+                      for r in s.get("resumed") or []]
+    merged.elapsed_s = max(s.get("elapsed_s") or 0.0 for s in summaries)  # shards run at once
+    copy_atomic(run_dirs[0] / "scenario.yaml", out / "scenario.yaml")
+    manifests = [run.manifest for run in shards]
+    write_json_atomic(out / "manifest.json", {**manifests[0], "run_id": out.name,
+                                              "merged_from": manifests})
+    merged.finish()
+    return merged
 
 
 _XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -388,6 +458,10 @@ def _summary_section(s: dict[str, Any]) -> list[str]:
         ("Elapsed", _duration(s.get("elapsed_s", 0))),
         ("Exit code", s.get("exit_code")),
     ]
+    for r in s.get("resumed") or []:
+        rows.append(("Resumed", f"{r['at']} after {r['cuts_done']} finished cuts"
+                                + (f" (it had stopped: {r['previous']})" if r.get("previous")
+                                   else "")))
     cells = "".join(f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     return ["<h2>Summary</h2>", f"<table>{cells}</table>"]
 

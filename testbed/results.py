@@ -3,6 +3,7 @@
 results/<run-id>/
   scenario.yaml  manifest.json  summary.json  junit.xml  report.html
   cut-N/  console.log  qmp-events.log  events.jsonl  recovery.json  verdict.json  [crash.img]
+  .resume/  lock  chainJ-cutN.img   (while the run is unfinished: see `testbed run --resume`)
 
 The orchestrator writes a cut's logs into `cut_dir(n)` under the names below, then calls
 `record_cut`; summary.json is rewritten (atomically) on every change, and the caller re-renders
@@ -12,6 +13,8 @@ every finished cut.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +37,7 @@ RECOVERY = "recovery.json"
 VERDICT = "verdict.json"
 CRASH_IMAGE = "crash.img"
 FAILURE = "failure.txt"
+RESUME_DIR = ".resume"  # the lock, and each chain's last crash image, until the run completes
 
 EXIT_PASS = 0
 EXIT_VIOLATIONS = 1
@@ -121,6 +125,10 @@ def copy_atomic(src: Path, dst: Path) -> None:
         raise
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def testbed_identity() -> dict[str, Any]:
     """Version and git revision of the testbed itself, for the manifest."""
     top = Path(__file__).resolve().parent.parent
@@ -164,47 +172,22 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-class MergeError(ValueError):
-    """Run folders that are not shards of one campaign."""
-
-
-def merge(out: Path, run_dirs: list[Path]) -> RunResults:
-    """One run folder from shard folders: every cut folder copied, one summary over all of
-    them (status and exit code as for a single run over every cut), JUnit and report by the
-    caller (testbed.report.publish)."""
-    from testbed.scenario import parse_scenario
-
-    texts = {(d / "scenario.yaml").read_text() for d in run_dirs}
-    if len(texts) != 1:
-        raise MergeError("the run folders ran different scenarios: not shards of one campaign")
-    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-    manifests = [json.loads((d / "manifest.json").read_text()) for d in run_dirs]
-    out.mkdir(parents=True)
-    scenario = parse_scenario(texts.pop(), str(run_dirs[0] / "scenario.yaml"))
-    merged = RunResults(out, scenario)
-    for d in run_dirs:
-        for cut_dir in sorted(d.glob("cut-*")):
-            dst = out / cut_dir.name
-            if dst.exists():
-                raise MergeError(f"{cut_dir.name} is in more than one run folder")
-            shutil.copytree(cut_dir, dst)
-            if (cut_dir / VERDICT).is_file():
-                merged.cuts.append(json.loads((cut_dir / VERDICT).read_text()))
-    merged.cuts.sort(key=lambda c: c["cut"])
-    for summary in summaries:
-        for phase, seconds in (summary.get("run_phases_s") or {}).items():
-            merged.run_phases[phase] = merged.run_phases.get(phase, 0.0) + seconds
-    shard_notes = [(s.get("shard") or d.name, s) for d, s in zip(run_dirs, summaries, strict=True)]
-    failures = [f"shard {name}: {s['failure']}" for name, s in shard_notes if s.get("failure")]
-    stops = [f"shard {name}: {s['stopped']}" for name, s in shard_notes if s.get("stopped")]
-    merged.failure = "; ".join(failures) or None
-    merged.stopped = "; ".join(stops) or None
-    merged.elapsed_s = max(s.get("elapsed_s") or 0.0 for s in summaries)  # shards run at once
-    copy_atomic(run_dirs[0] / "scenario.yaml", out / "scenario.yaml")
-    write_json_atomic(out / "manifest.json", {**manifests[0], "run_id": out.name,
-                                              "merged_from": manifests})
-    merged.finish()
-    return merged
+def lock_run(run_dir: Path, create: bool = True) -> int | None:
+    """An exclusive flock on RUN_DIR/.resume/lock, held until the fd is closed or the process
+    exits; None if the lock file is missing and `create` is false. BlockingIOError: another
+    process holds it."""
+    path = run_dir / RESUME_DIR / "lock"
+    if create:
+        path.parent.mkdir(exist_ok=True)
+    elif not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class RunResults:
@@ -232,6 +215,9 @@ class RunResults:
         self.failure: str | None = None
         self.stopped: str | None = None  # why the campaign ended early on a verdict
         self.status = "running"
+        self.elapsed_before = 0.0  # a resumed run: what its earlier sessions took
+        self.resumed: list[dict[str, Any]] = []  # a resumed run: one note per resume
+        self._lock_fd: int | None = None
 
     @classmethod
     def create(
@@ -255,18 +241,38 @@ class RunResults:
                 n += 1
                 run_dir = root / f"{base}-{n}"
         run = cls(run_dir, scenario, shard)
+        run.lock()
         copy_atomic(Path(scenario_path), run_dir / "scenario.yaml")
         full = {
             "run_id": run_dir.name,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "testbed": testbed_identity(),
             "scenario": scenario.name,
+            "scenario_sha256": file_sha256(run_dir / "scenario.yaml"),
             "seed": scenario.seed,
             **manifest,
         }
         write_json_atomic(run_dir / "manifest.json", full)
         run._write_summary()
         return run
+
+    def lock(self) -> None:
+        """Hold the run folder for this process (until it exits): a `testbed run --resume` of
+        it is refused while this one runs, whatever way this one ends."""
+        self._lock_fd = lock_run(self.run_dir)
+
+    def resume_image(self, chain: int, cut: int) -> Path:
+        """Where chain `chain` copies the crash image of cut `cut`: kept until the chain's
+        next cut finishes, so a resumed run can recover the media from it."""
+        return self.run_dir / RESUME_DIR / f"chain{chain}-cut{cut}.img"
+
+    def keep_resume_point(self, chain: int, cut: int) -> None:
+        """Cut `cut` of chain `chain` is recorded: its crash image is the chain's resume point,
+        the older ones go."""
+        keep = self.resume_image(chain, cut)
+        for image in keep.parent.glob(f"chain{chain}-cut*.img"):
+            if image != keep:
+                image.unlink(missing_ok=True)
 
     def cut_dir(self, n: int) -> Path:
         path = self.run_dir / f"cut-{n}"
@@ -330,10 +336,13 @@ class RunResults:
         code = exit_code(violations, self.failure is not None)
         self.status = STATUS[code]
         self._write_summary()
+        if not incomplete or self.stopped is not None:  # nothing left to resume
+            shutil.rmtree(self.run_dir / RESUME_DIR, ignore_errors=True)
         return code
 
     def summary(self) -> dict[str, Any]:
-        elapsed = self.elapsed_s if self.elapsed_s is not None else time.monotonic() - self.started
+        elapsed = self.elapsed_s if self.elapsed_s is not None else \
+            self.elapsed_before + time.monotonic() - self.started
         violations: dict[str, int] = {}
         phases = dict(self.run_phases)
         for c in self.cuts:
@@ -362,6 +371,7 @@ class RunResults:
             "run_phases_s": {k: round(v, 3) for k, v in self.run_phases.items()},
             "workers": self._workers(elapsed),
             "cut_wall_s": {str(c["cut"]): c["wall_s"] for c in self.cuts},
+            "resumed": self.resumed,
         }
 
     def _workers(self, elapsed: float) -> dict[str, dict[str, Any]]:

@@ -73,3 +73,28 @@ def test_merge_refuses_overlapping_or_foreign_folders(tmp_path: Path) -> None:
     assert main(["report", "merge", str(tmp_path / "m2"), str(one.run_dir),
                  str(foreign.run_dir)]) == 2
     assert main(["report", "merge", str(tmp_path / "m3")]) == 2
+
+
+def test_merge_refuses_a_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard is read with the same checks as `testbed report`: a truncated verdict of a
+    violating cut is reported, not merged around (which would drop that failure)."""
+    shards = [_run(tmp_path / "b", Shard(i, 2), lose_ack_at=2) for i in (1, 2)]
+    verdict = shards[1].run_dir / "cut-2" / "verdict.json"
+    verdict.write_text(verdict.read_text()[:40])
+    out = tmp_path / "merged"
+    assert main(["report", "merge", str(out), *(str(s.run_dir) for s in shards)]) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[1].run_dir} is damaged: cut-2/verdict.json: " in err, err
+    assert not out.exists()
+
+
+def test_a_resumed_shard_stays_noted_in_the_merge(tmp_path: Path) -> None:
+    shards = [_run(tmp_path / "b", Shard(i, 2), lose_ack_at=0) for i in (1, 2)]
+    summary_path = shards[1].run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["resumed"] = [{"at": "2026-11-27T10:00:00+00:00", "cuts_done": 0}]
+    summary_path.write_text(json.dumps(summary))
+    out = tmp_path / "merged"
+    assert main(["report", "merge", str(out), *(str(s.run_dir) for s in shards)]) == 0
+    (note,) = json.loads((out / "summary.json").read_text())["resumed"]
+    assert note["shard"] == "2/2" and "Resumed" in (out / "report.html").read_text()
