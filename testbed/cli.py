@@ -234,11 +234,22 @@ def _explore(args: argparse.Namespace) -> int:
     from testbed import explore
 
     try:
+        if args.replay:
+            code, verdict, repro = explore.replay(Path(args.replay))
+            said = "reproduces" if code else "does not reproduce"
+            print(f"{args.replay}: {repro.get('kind')} on LBA {repro.get('lba')} {said} "
+                  f"(schedule of {len(repro['schedule'])} steps, crash state of "
+                  f"{len(repro['crash_state'])} dirty lines)")
+            print(json.dumps(verdict.to_json(), indent=1))
+            return code
+        cap = args.max_interleavings
+        if cap is None and not args.exhaustive:
+            cap = 200
         code, out = explore.run(
             Path(args.results), pool_mib=args.pool_mib, bsize=args.bsize, threads=args.threads,
             ops=args.ops, lbas=args.lbas, seed=args.seed, preemptions=args.preemptions,
-            max_interleavings=args.max_interleavings)
-    except Exception as e:  # the tool failed, not the code under test
+            max_interleavings=cap, exhaustive=args.exhaustive)
+    except Exception as e:  # the tool failed (or was given a bad file), not the code under test
         print(f"testbed explore: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print((out / "summary.json").read_text(), end="")
@@ -326,9 +337,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="model-check BTT8's steps against ADR crash states "
                        "(host only, no VM)")
     for flag, default in (("--pool-mib", 16), ("--bsize", 512), ("--threads", 2), ("--ops", 3),
-                          ("--lbas", 1), ("--seed", 0), ("--preemptions", 2),
-                          ("--max-interleavings", 200)):
+                          ("--lbas", 1), ("--seed", 0), ("--preemptions", 2)):
         p.add_argument(flag, type=int, default=default)
+    p.add_argument("--max-interleavings", type=_positive_int, default=None,
+                   help="schedules to run (default 200; no cap with --exhaustive)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="every schedule within --preemptions and every crash state, no random "
+                   "tail; summary.json says whether the enumeration was complete")
+    p.add_argument("--replay", metavar="VIOLATION_JSON",
+                   help="re-run one violation-N.json reproduction; exit 1 if it reproduces")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_explore)
 
