@@ -337,8 +337,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="model-check BTT8's steps against ADR crash states "
                        "(host only, no VM)")
     for flag, default in (("--pool-mib", 16), ("--bsize", 512), ("--threads", 2), ("--ops", 3),
-                          ("--lbas", 1), ("--seed", 0), ("--preemptions", 2)):
-        p.add_argument(flag, type=int, default=default)
+                          ("--lbas", 1)):
+        p.add_argument(flag, type=_positive_int, default=default)
+    for flag, default in (("--seed", 0), ("--preemptions", 2)):
+        p.add_argument(flag, type=_non_negative_int, default=default)
     p.add_argument("--max-interleavings", type=_positive_int, default=None,
                    help="schedules to run (default 200; no cap with --exhaustive)")
     p.add_argument("--exhaustive", action="store_true",
@@ -371,6 +373,12 @@ def _run(args: argparse.Namespace) -> int:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, not {text!r}")
     return int(text)
 
 

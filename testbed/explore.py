@@ -58,6 +58,7 @@ import json
 import random
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from itertools import product
@@ -72,6 +73,7 @@ from tbagent.payload import MAGIC, WriteId, decode_block, make_block, op_at
 from testbed import oracle
 
 MIB = 1 << 20
+_PAYLOAD_HEAD = struct.Struct("<8sQQIIQI")  # tbagent.payload's block header, up to bsize
 MIX = {"read": 1.0, "write": 2.0}
 EPOCH = 0
 _TABLE_STATES_CAP = 1024
@@ -94,21 +96,26 @@ class TracePmem(Pmem):
         self.touched: set[int] = set()
         self.stores = self.persists = self.fences = 0
         self.media_key = 0  # XOR of hash(line, content) over written-through lines: O(1) each
-        q, buf, versions, touched = self.visible_words, self._buf, self.versions, self.touched
+        # line -> a number that changes whenever its content or versions do (never reused, not
+        # even across resets): (line, stamp) pairs name a line's state, for caches
+        self.stamp: dict[int, int] = {}
+        self._seq = 0
 
         def store8(word: int, value: int) -> None:
-            q[word] = value
-            self.stores += 1
-            line = word >> 3
-            touched.add(line)
-            versions.setdefault(line, []).append(bytes(buf[line * LINE : (line + 1) * LINE]))
+            self.visible_words[word] = value
+            self._stored(word * 8, 8)
 
         self.store8 = store8
+
+    def _changed(self, line: int) -> None:
+        self._seq += 1
+        self.stamp[line] = self._seq
 
     def reset(self, base: bytes) -> None:
         for line in self.touched:
             s = line * LINE
             self._buf[s : s + LINE] = self.media[s : s + LINE] = base[s : s + LINE]
+            self._changed(line)
         self.touched.clear()
         self.versions.clear()
         self.stores = self.persists = self.fences = self.media_key = 0
@@ -122,6 +129,7 @@ class TracePmem(Pmem):
         for line in range(off // LINE, (off + n + LINE - 1) // LINE):
             self.touched.add(line)
             self.versions.setdefault(line, []).append(self.line(line))
+            self._changed(line)
 
     def store(self, off: int, data: bytes | bytearray | memoryview) -> None:
         self._mv[off : off + len(data)] = data
@@ -145,6 +153,7 @@ class TracePmem(Pmem):
                 old, new = bytes(self.media[s : s + LINE]), self.line(line)
                 self.media_key ^= hash((line, old)) ^ hash((line, new))
                 self.media[s : s + LINE] = new
+                self._changed(line)
 
     def fence(self) -> None:
         self.fences += 1
@@ -230,6 +239,8 @@ class Explorer:
         self.stats = Stats()
         self._recovered: dict[bytes, list[int] | str] = {}
         self._decoded: dict[tuple[int, bytes], oracle.Decoded] = {}
+        self._named: dict[bytes, bytes | None] = {}
+        self._variants: dict[tuple[int, ...], tuple[list[Any], int]] = {}
         self._verdicts: dict[tuple[int, tuple[Any, ...]], oracle.Verdict] = {}
 
     # -- one schedule -------------------------------------------------------------------------
@@ -239,6 +250,7 @@ class Explorer:
         (only the one after `crash_at` steps, when given: the schedule stops there)."""
         pmem = self.pmem
         pmem.reset(self.base)
+        self._variants.clear()  # the reset gave every touched line a new stamp
         pool = Pool(pmem)
         if self.fault:
             pool._inject_test_fault(self.fault)
@@ -378,6 +390,16 @@ class Explorer:
         bsize = self.bsize
         off = self.layout.dataoff + (pba & PBA_MASK) * bsize
         first, end = off // LINE, (off + bsize) // LINE
+        stamp = self.pmem.stamp
+        key = (lba, first, *(stamp.get(ln, 0) for ln in range(first, end)))
+        cached = self._variants.get(key)
+        if cached is None:
+            cached = self._variants[key] = self._block_variants_now(lba, first, end)
+        return cached
+
+    def _block_variants_now(self, lba: int, first: int, end: int
+                            ) -> tuple[list[tuple[oracle.Decoded, dict[int, int]]], int]:
+        off, bsize = first * LINE, self.bsize
         versions = self.pmem.versions
         dirty = [ln for ln in range(first, end) if ln in versions]
         base = bytes(self.pmem.media[off : off + bsize])
@@ -387,8 +409,9 @@ class Explorer:
         total = 1
         for opts in options.values():
             total *= len(opts)
+        counts = {ln: Counter(opts) for ln, opts in options.items()}
         headers = options.get(first, [base[:LINE]])
-        candidates = {bytes(bsize)} | {b for h in headers if (b := _named_block(h, bsize))}
+        candidates = {bytes(bsize)} | {b for h in headers if (b := self._named_block(h))}
         out: list[tuple[oracle.Decoded, dict[int, int]]] = []
         valid = 0
         for block in sorted(candidates):
@@ -399,9 +422,10 @@ class Explorer:
             choice, ways = {}, 1
             for ln, opts in options.items():
                 part = block[(ln - first) * LINE : (ln - first + 1) * LINE]
-                ways *= opts.count(part)
-                if part in opts:
-                    choice[ln] = opts.index(part)
+                ways *= counts[ln].get(part, 0)
+                if not ways:
+                    break
+                choice[ln] = opts.index(part)
             if ways:
                 valid += ways
                 out.append((self._decode(lba, block), choice))
@@ -415,6 +439,16 @@ class Explorer:
                     out.append((self._decode(lba, bytes(block_t)), torn))
                     break
         return out, total
+
+    def _named_block(self, header_line: bytes) -> bytes | None:
+        """The whole block the payload header in `header_line` names (make_block of its seed,
+        lba and write id), or None if the line holds no such header."""
+        if header_line not in self._named:
+            magic, seed, lba, epoch, thread, op, size = _PAYLOAD_HEAD.unpack_from(header_line)
+            self._named[header_line] = (
+                make_block(seed, lba, WriteId(epoch, thread, op), size)
+                if magic == MAGIC and size == self.bsize else None)
+        return self._named[header_line]
 
     def _decode(self, lba: int, block: bytes) -> oracle.Decoded:
         value = self._decoded.get((lba, block))
@@ -563,18 +597,6 @@ class Explorer:
             self._run(lambda runnable, current, used, depth: rng.choice(runnable))
             self.stats.interleavings += 1
         return self.stats
-
-
-_PAYLOAD_HEAD = struct.Struct("<8sQQIIQI")  # tbagent.payload's block header, up to bsize
-
-
-def _named_block(header_line: bytes, bsize: int) -> bytes | None:
-    """The whole block the payload header in `header_line` names (tbagent.payload.make_block
-    of its seed, lba and write id), or None if the line holds no such header."""
-    magic, seed, lba, epoch, thread, op, size = _PAYLOAD_HEAD.unpack_from(header_line)
-    if magic != MAGIC or size != bsize:
-        return None
-    return make_block(seed, lba, WriteId(epoch, thread, op), bsize)
 
 
 def run(results: Path, **kwargs: Any) -> tuple[int, Path]:

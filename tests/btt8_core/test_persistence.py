@@ -185,3 +185,24 @@ def test_a_writer_that_loses_the_cas_is_acknowledged_only_once_the_winner_is_dur
         swapped = done.value
     assert swapped is False  # the loser's write was superseded, and returned (acknowledged)
     assert cut(pool).read(LBA) == payload(2)  # not payload(1): that would lose the ack
+
+
+@pytest.mark.parametrize("model", ["eadr", "adr"])
+def test_the_seeds_cycle_shift_loses_a_value_a_reader_returned_but_not_under_eadr(
+        model: str) -> None:
+    """The seed's CYCLE_CYCLE bug (count = cycle << 12) as the test fault cycle-shift: a reader
+    between a writer's WswapMapping and WpersistMapping returns the new block without helping
+    persist its entry. Under adr a cut there recovers the old block although a read returned
+    the new one (a read-reverted for the oracle; an acks-only check sees nothing wrong: the
+    write never returned). Under eadr the swap was durable the moment it was stored."""
+    for fault in ("", "cycle-shift"):
+        pool = make(model, fault)
+        pool.write(LBA, payload(1))
+        writer = write_steps(pool, LBA, payload(2))
+        for step in writer:
+            if step == "WpersistMapping":
+                break  # swapped, not yet persisted: the writer is preempted here
+        assert pool.read(LBA) == payload(2)
+        recovered = cut(pool).read(LBA)
+        lost = model == "adr" and fault == "cycle-shift"
+        assert recovered == (payload(1) if lost else payload(2)), (model, fault)
