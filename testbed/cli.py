@@ -27,7 +27,7 @@ from testbed.guest_agent import Agent, stage
 from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
-from testbed.report import publish
+from testbed.report import publish, render_explore_report
 from testbed.results import MergeError, Shard, merge
 from testbed.scenario import ScenarioError
 from testbed.ssh import SSHError, plain_ssh_argv
@@ -423,6 +423,13 @@ def _report(args: argparse.Namespace) -> int:
     if not (run_dir / "summary.json").is_file():
         _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
         return 2
+    if _is_explore_run(run_dir):
+        try:
+            print(render_explore_report(run_dir))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            _say(f"testbed: {run_dir}/summary.json: not an explore summary: {e}")
+            return 2
+        return 0
     problems = publish(run_dir)
     print(run_dir / "report.html")
     if problems:
@@ -430,6 +437,14 @@ def _report(args: argparse.Namespace) -> int:
         _say(f"testbed: {run_dir} is damaged: {problems[0]}{more}")
         return 2
     return 0
+
+
+def _is_explore_run(run_dir: Path) -> bool:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False  # publish() reports the damage
+    return isinstance(summary, dict) and summary.get("kind") == "explore"
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -703,8 +703,12 @@ def render_explore_report(run_dir: str | Path) -> Path:
         ("Crash states", summary.get("states")),
         ("Distinct images recovered", summary.get("distinct_images")),
         ("Oracle verdicts computed", summary.get("judged")),
-        ("Complete enumeration", "yes" if summary.get("complete") else
-         "no (schedules capped or crash states sampled)"),
+        ("Complete enumeration", "yes" if summary.get("complete") else "no: " + "; ".join(
+            why for why, cond in (
+                ("schedules capped before the bounded space was exhausted",
+                 not summary.get("schedules_exhausted")),
+                (f"crash states sampled at {summary.get('sampled_crash_points')} crash points",
+                 summary.get("sampled_crash_points"))) if cond)),
         ("States per second", summary.get("states_per_s")),
         ("Elapsed", _duration(summary.get("elapsed_s", 0))),
         ("Exit code", summary.get("exit_code")),
