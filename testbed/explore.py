@@ -36,9 +36,12 @@ The per-LBA oracle judges each LBA on its own, so the cross product of the LBAs'
 the k-th call.
 What it may miss: a line torn below 64 bytes inside one step's memcpy (a step's stores are one
 unit, a multi-line store split only at line boundaries); crashes inside a step; anything only a
-schedule beyond the preemption bound or the interleaving cap shows; lines read only by
-operations after recovery (the judge reads each LBA once; a post-crash write that reuses a
-free block is not run); crash states beyond the caps in 1. and 2.
+schedule beyond the preemption bound or the interleaving cap shows (depth-first order varies
+the last operations first: with --ops 200 and the default cap, only the interleavings of the
+last few operations are tried, and the seed's cycle-shift, found at interleaving 187 of the
+3-operation space, goes unseen); lines read only by operations after recovery (the judge reads
+each LBA once; no post-crash write runs, no second crash); table crash states beyond the cap
+in 1. (then `complete` is false). Recovery itself writes nothing, so it has no crash points.
 
 Judging: testbed.oracle.judge, the per-LBA linearizability oracle power-cut runs use, on the
 history the agent would have reported (an invoke when a thread starts an op, an ok when it
