@@ -27,7 +27,7 @@ from testbed.guest_agent import Agent, stage
 from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
-from testbed.report import publish, render_explore_report
+from testbed.report import publish, render_explore_report, write_explore_junit
 from testbed.results import MergeError, Shard, merge
 from testbed.scenario import ScenarioError
 from testbed.ssh import SSHError, plain_ssh_argv
@@ -426,6 +426,7 @@ def _report(args: argparse.Namespace) -> int:
     if _is_explore_run(run_dir):
         try:
             print(render_explore_report(run_dir))
+            write_explore_junit(run_dir)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             _say(f"testbed: {run_dir}/summary.json: not an explore summary: {e}")
             return 2

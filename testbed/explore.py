@@ -603,7 +603,8 @@ class Explorer:
 
 
 def run(results: Path, **kwargs: Any) -> tuple[int, Path]:
-    """Explore, write results/<run-id>/ (summary.json, violation-N.json, report.html);
+    """Explore, write results/<run-id>/ (summary.json, violation-N.json, report.html,
+    junit.xml);
     (exit code, run dir)."""
     from testbed import report
 
@@ -639,6 +640,7 @@ def run(results: Path, **kwargs: Any) -> tuple[int, Path]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     report.render_explore_report(out)
+    report.write_explore_junit(out)
     return code, out
 
 

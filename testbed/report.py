@@ -733,6 +733,31 @@ def render_explore_report(run_dir: str | Path) -> Path:
     return out
 
 
+def write_explore_junit(run_dir: str | Path) -> Path:
+    """junit.xml of a `testbed explore` folder: one testcase per violation kind (a failure
+    carrying its shortest reproduction's replay command), or one passing testcase."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    violations = summary.get("violations") or {}
+    suite = ET.Element("testsuite", name="testbed.explore", tests=str(max(1, len(violations))),
+                       failures=str(len(violations)), errors="0",
+                       time=f"{summary.get('elapsed_s', 0):.3f}")
+    by_kind = {r.get("kind"): r for r in summary.get("reproductions", [])}
+    for kind, n in sorted(violations.items()):
+        case = ET.SubElement(suite, "testcase", classname="testbed.explore", name=_xml(kind))
+        repro = by_kind.get(kind, {})
+        node = ET.SubElement(case, "failure", type="violation",
+                             message=_xml(f"{kind} in {n} crash states"))
+        node.text = _xml(f"shortest: crash after {repro.get('crash_after_steps')} steps, LBA "
+                         f"{repro.get('lba')}; {repro.get('replay', '')}")
+    if not violations:
+        ET.SubElement(suite, "testcase", classname="testbed.explore",
+                      name=f"{summary.get('states', 0)} crash states")
+    path = run_dir / "junit.xml"
+    write_bytes_atomic(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+    return path
+
+
 def _explore_reproduction(r: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     threads = int(r["params"]["threads"])
     steps = r["steps"]

@@ -3,6 +3,7 @@ injected defect is found, reported with a reproduction that replays, and rendere
 
 import json
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -52,6 +53,8 @@ def test_each_injected_defect_is_found_and_its_reproduction_replays(tmp_path: Pa
         assert "RcopyBlock" in steps[swap:] and "WpersistMapping" not in steps[swap:]
     html = (out / "report.html").read_text()
     assert "crash point" in html and "WswapMapping" in html
+    junit = ElementTree.parse(out / "junit.xml").getroot()
+    assert int(junit.get("failures")) == len(summary["violations"])
     (out / "report.html").unlink()
     assert cli.main(["report", str(out)]) == 0 and (out / "report.html").read_text() == html
 
@@ -84,6 +87,8 @@ def test_cli_summary_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture
                 "complete", "reproductions"):
         assert key in summary
     assert (tmp_path / summary["run_id"] / "report.html").is_file()
+    junit = ElementTree.parse(tmp_path / summary["run_id"] / "junit.xml").getroot()
+    assert junit.get("failures") == "0" and junit.get("tests") == "1"
 
 
 def test_block_variants_match_every_combination_built_by_brute_force() -> None:
