@@ -27,7 +27,7 @@ from testbed.guest_agent import Agent, stage
 from testbed.ndctl import MODES, NdctlError, create_namespace, device_path, namespaces
 from testbed.nvdimm import NvdimmError, NvdimmSpec, parse_size
 from testbed.replay import replay
-from testbed.report import MergeError, merge, publish
+from testbed.report import MergeError, merge, publish, render_explore_report, write_explore_junit
 from testbed.results import Shard
 from testbed.resume import ResumeError
 from testbed.scenario import ScenarioError
@@ -235,11 +235,22 @@ def _explore(args: argparse.Namespace) -> int:
     from testbed import explore
 
     try:
+        if args.replay:
+            code, verdict, repro = explore.replay(Path(args.replay))
+            said = "reproduces" if code else "does not reproduce"
+            print(f"{args.replay}: {repro.get('kind')} on LBA {repro.get('lba')} {said} "
+                  f"(schedule of {len(repro['schedule'])} steps, crash state of "
+                  f"{len(repro['crash_state'])} dirty lines)")
+            print(json.dumps(verdict.to_json(), indent=1))
+            return code
+        cap = args.max_interleavings
+        if cap is None and not args.exhaustive:
+            cap = 200
         code, out = explore.run(
             Path(args.results), pool_mib=args.pool_mib, bsize=args.bsize, threads=args.threads,
             ops=args.ops, lbas=args.lbas, seed=args.seed, preemptions=args.preemptions,
-            max_interleavings=args.max_interleavings)
-    except Exception as e:  # the tool failed, not the code under test
+            max_interleavings=cap, exhaustive=args.exhaustive)
+    except Exception as e:  # the tool failed (or was given a bad file), not the code under test
         print(f"testbed explore: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print((out / "summary.json").read_text(), end="")
@@ -327,9 +338,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="model-check BTT8's steps against ADR crash states "
                        "(host only, no VM)")
     for flag, default in (("--pool-mib", 16), ("--bsize", 512), ("--threads", 2), ("--ops", 3),
-                          ("--lbas", 1), ("--seed", 0), ("--preemptions", 2),
-                          ("--max-interleavings", 200)):
-        p.add_argument(flag, type=int, default=default)
+                          ("--lbas", 1)):
+        p.add_argument(flag, type=_positive_int, default=default)
+    for flag, default in (("--seed", 0), ("--preemptions", 2)):
+        p.add_argument(flag, type=_non_negative_int, default=default)
+    p.add_argument("--max-interleavings", type=_positive_int, default=None,
+                   help="schedules to run (default 200; no cap with --exhaustive)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="every schedule within --preemptions and every crash state, no random "
+                   "tail; summary.json says whether the enumeration was complete")
+    p.add_argument("--replay", metavar="VIOLATION_JSON",
+                   help="re-run one violation-N.json reproduction; exit 1 if it reproduces")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_explore)
 
@@ -365,6 +384,12 @@ def _run(args: argparse.Namespace) -> int:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, not {text!r}")
     return int(text)
 
 
@@ -409,6 +434,14 @@ def _report(args: argparse.Namespace) -> int:
     if not (run_dir / "summary.json").is_file():
         _say(f"testbed: {run_dir} is not a run folder (no summary.json)")
         return 2
+    if _is_explore_run(run_dir):
+        try:
+            print(render_explore_report(run_dir))
+            write_explore_junit(run_dir)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            _say(f"testbed: {run_dir}/summary.json: not an explore summary: {e}")
+            return 2
+        return 0
     problems = publish(run_dir)
     print(run_dir / "report.html")
     if problems:
@@ -416,6 +449,14 @@ def _report(args: argparse.Namespace) -> int:
         _say(f"testbed: {run_dir} is damaged: {problems[0]}{more}")
         return 2
     return 0
+
+
+def _is_explore_run(run_dir: Path) -> bool:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False  # publish() reports the damage
+    return isinstance(summary, dict) and summary.get("kind") == "explore"
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -738,3 +738,151 @@ def _manifest_section(manifest: dict[str, Any]) -> list[str]:
         f"<details><summary>versions, accelerator, command lines</summary><pre>{text}</pre>"
         "</details>",
     ]
+
+
+# --- testbed explore -------------------------------------------------------------------------
+
+EXPLORE_STEPS = 80  # the last steps before the crash point shown per reproduction
+EXPLORE_CSS = """
+table.steps th.thread{width:300px}
+table.steps td{padding:1px 8px;border-bottom:1px solid #f2f2f2;font:12px/1.4 ui-monospace,monospace}
+table.steps td.write{background:#e3eef8} table.steps td.read{background:#e6f4ea}
+table.steps td.ret{font-weight:600} tr.crash td{border-top:3px solid #c62828;color:#c62828;
+font-weight:600} tr.lost td{color:#c62828}
+"""
+
+
+def render_explore_report(run_dir: str | Path) -> Path:
+    """report.html of a `testbed explore` folder: its summary, and for each violation kind the
+    shortest reproduction as a per-thread step timeline (PlusCal labels in order, the crash
+    point marked) with the dirty lines and which of them were lost."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    status = "violations" if summary.get("violations") else "passed"
+    title = f"testbed explore {summary.get('run_id', run_dir.name)}"
+    params = summary.get("params", {})
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        f'<p><span class="badge {status}">{status}</span> '
+        + " · ".join(f"{escape(str(k))} <b>{escape(str(v))}</b>" for k, v in params.items()
+                     if v not in ("", None, False))
+        + "</p>",
+    ]
+    violations = summary.get("violations") or {}
+    rows = [
+        ("Violations (crash states)", ", ".join(f"{k}: {n}" for k, n in violations.items())
+         or "none"),
+        ("Interleavings", summary.get("interleavings")),
+        ("Crash points", summary.get("crash_points")),
+        ("Crash states", summary.get("states")),
+        ("Distinct images recovered", summary.get("distinct_images")),
+        ("Oracle verdicts computed", summary.get("judged")),
+        ("Complete enumeration", "yes" if summary.get("complete") else "no: " + "; ".join(
+            why for why, cond in (
+                ("schedules capped before the bounded space was exhausted",
+                 not summary.get("schedules_exhausted")),
+                (f"crash states sampled at {summary.get('sampled_crash_points')} crash points",
+                 summary.get("sampled_crash_points"))) if cond)),
+        ("States per second", summary.get("states_per_s")),
+        ("Elapsed", _duration(summary.get("elapsed_s", 0))),
+        ("Exit code", summary.get("exit_code")),
+    ]
+    cells = "".join(f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    body += ["<h2>Summary</h2>", f"<table>{cells}</table>"]
+    for repro in summary.get("reproductions", []):
+        path = run_dir / str(repro.get("file", ""))
+        try:
+            body += _explore_reproduction(json.loads(path.read_text()), repro)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            body.append(f'<div class="damaged">{escape(path.name)}: cannot be shown: '
+                        f"{escape(str(e))}</div>")
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{CSS}{EXPLORE_CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    out = run_dir / "report.html"
+    write_text_atomic(out, page)
+    return out
+
+
+def write_explore_junit(run_dir: str | Path) -> Path:
+    """junit.xml of a `testbed explore` folder: one testcase per violation kind (a failure
+    carrying its shortest reproduction's replay command), or one passing testcase."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    violations = summary.get("violations") or {}
+    suite = ET.Element("testsuite", name="testbed.explore", tests=str(max(1, len(violations))),
+                       failures=str(len(violations)), errors="0",
+                       time=f"{summary.get('elapsed_s', 0):.3f}")
+    by_kind = {r.get("kind"): r for r in summary.get("reproductions", [])}
+    for kind, n in sorted(violations.items()):
+        case = ET.SubElement(suite, "testcase", classname="testbed.explore", name=_xml(kind))
+        repro = by_kind.get(kind, {})
+        node = ET.SubElement(case, "failure", type="violation",
+                             message=_xml(f"{kind} in {n} crash states"))
+        node.text = _xml(f"shortest: crash after {repro.get('crash_after_steps')} steps, LBA "
+                         f"{repro.get('lba')}; {repro.get('replay', '')}")
+    if not violations:
+        ET.SubElement(suite, "testcase", classname="testbed.explore",
+                      name=f"{summary.get('states', 0)} crash states")
+    path = run_dir / "junit.xml"
+    write_bytes_atomic(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+    return path
+
+
+def _explore_reproduction(r: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    threads = int(r["params"]["threads"])
+    steps = r["steps"]
+    oks = {(e["thread"], e["op"]): e for e in r["history"] if e.get("ev") == "ok"}
+    last_of_op = {(st["thread"], st["op"]): i for i, st in enumerate(steps)}
+    plan = r.get("plan") or []
+    out = [
+        f"<h2>{escape(str(r['kind']))} on LBA {escape(str(r.get('lba')))}</h2>",
+        f"<p>{escape(str(r.get('detail', '')))}. Shortest reproduction found: a crash after "
+        f"<b>{len(steps)}</b> steps (interleaving {escape(str(r.get('interleaving')))}). "
+        f"Replay: <code>{escape(str(entry.get('replay', '')))}</code></p>",
+    ]
+    first = max(0, len(steps) - EXPLORE_STEPS)
+    head = "".join(f'<th class="thread">thread {t}</th>' for t in range(threads))
+    rows = []
+    if first:
+        rows.append(f'<tr><td class="muted" colspan="{threads + 1}">{first} earlier steps not '
+                    "shown</td></tr>")
+    for i in range(first, len(steps)):
+        st = steps[i]
+        t, op = int(st["thread"]), int(st["op"])
+        kind = plan[t][op]["kind"] if t < len(plan) and op < len(plan[t]) else ""
+        text = f"{escape(str(st['label']))} <span class=\"muted\">op {op}</span>"
+        cls = escape(kind)
+        ok = oks.get((t, op))
+        if ok is not None and last_of_op.get((t, op)) == i:
+            seen = f" saw {_value(ok['value'])}" if "value" in ok else ""
+            text += f" → returned{escape(seen)}"
+            cls += " ret"
+        cols = "".join(f'<td class="{cls}">{text}</td>' if c == t else "<td></td>"
+                       for c in range(threads))
+        rows.append(f'<tr><td class="muted">{i + 1}</td>{cols}</tr>')
+    rows.append(f'<tr class="crash"><td colspan="{threads + 1}">⚡ crash point: power lost '
+                "after this step; the dirty lines below reached the media as listed</td></tr>")
+    out += ["<h3>Schedule (one row per PlusCal step, in order)</h3>",
+            f'<table class="steps"><tr><th>step</th>{head}</tr>{"".join(rows)}</table>']
+    line_rows = []
+    for d in r.get("dirty_lines", []):
+        reached = int(d["reached"])
+        state = ("lost (the media keeps its older content)" if reached == 0 else
+                 f"version {reached} of {d['versions']} reached the media"
+                 + (" (a later one was lost)" if d.get("lost") else ""))
+        line_rows.append(f'<tr class="{"lost" if d.get("lost") else ""}"><td>{d["line"]}</td>'
+                         f"<td>{d['offset']:#x}</td><td>{escape(str(d['region']))}</td>"
+                         f"<td>{escape(state)}</td></tr>")
+    if line_rows:
+        out += ["<h3>Dirty lines at the crash point</h3>",
+                "<table><tr><th>line</th><th>offset</th><th>region</th><th>at the crash</th>"
+                f"</tr>{''.join(line_rows)}</table>"]
+    else:
+        out.append('<p class="muted">No dirty line at the crash point.</p>')
+    text = escape(json.dumps(r.get("violation"), indent=1))
+    out.append(f"<details><summary>oracle verdict</summary><pre>{text}</pre></details>")
+    return out

@@ -644,12 +644,15 @@ class Pool:
     # write-back-cache model (btt8.pmem.CachePmem) can see.
     #   "unpersisted-data":    WwriteBlock stores the data without persisting it before the swap
     #   "unpersisted-mapping": WpersistMapping skipped, and readers skip RpersistMapping
+    #   "cycle-shift":         the seed's real bug: RloadLaneCycle takes the entry's count as
+    #                          cycle << 12 (not >> 12), which never equals the lane count + 1,
+    #                          so readers never persist an entry they return (RpersistMapping)
     # The hot paths are rebuilt with the defective bindings (no cost to the correct ones);
     # btt8.steps reads _test_fault as well.
     _test_fault = ""
 
     def _inject_test_fault(self, fault: str) -> None:
-        if fault not in ("", "unpersisted-data", "unpersisted-mapping"):
+        if fault not in ("", "unpersisted-data", "unpersisted-mapping", "cycle-shift"):
             raise ValueError(f"unknown test fault {fault!r}")
         self._test_fault = fault
         self.read, self.read_into, self._write_correct = _hot_paths(self, fault)
@@ -806,6 +809,10 @@ class Pool:
             self._lane_next[lane] = newcycle + NFREE
             # WputFreeBlock
             self._lane_free[lane] = oldpba & PBA_MASK
+        else:
+            # WpersistMapping (CAS lost): the entry that superseded this write is made durable
+            # before the write returns (see _hot_paths' write)
+            self._persist(word * 8 + 8, 8)
 
     def _write_publish_before_data(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """TEST ONLY (see _fault_publish_before_data): the mapping is swapped and persisted
@@ -843,10 +850,13 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
     atomic = pool._swap_is_atomic
     buffer = pool._pmem.buffer  # loads by slicing: see pmem
     as_bytes = buffer if isinstance(buffer, mmap.mmap) else None  # its slices are bytes
+    help_persist = persist  # a reader's RpersistMapping
     if fault == "unpersisted-data":  # TEST ONLY: see Pool._inject_test_fault
         store_persist = pool._pmem.store
     elif fault == "unpersisted-mapping":
-        swap_persist, persist = pool._pmem.cas16, _no_persist
+        swap_persist, persist, help_persist = pool._pmem.cas16, _no_persist, _no_persist
+    elif fault == "cycle-shift":  # the seed's count never equals the lane count + 1 (steps.py)
+        help_persist = _no_persist
     # module constants as closure variables (a cell load is cheaper than a global lookup)
     lane_mask, flag_unused, flag_zero, pba_mask, nfree = (
         LANE_MASK, FLAG_UNUSED, FLAG_ZERO, PBA_MASK, NFREE)
@@ -866,7 +876,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
         # RloadLaneCycle, RpersistMapping: an entry one count ahead of its lane may not be
         # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
         if lane_next[pre & lane_mask] == pre:
-            persist(tt_byte + 16 * lba + 8, 8)
+            help_persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock (slicing an mmap gives bytes in one step; any other buffer: via a view)
         if pba < flag_unused:
             off = (pba + block0) * bsize
@@ -904,7 +914,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
         pba = pbas[lba]
         # RloadLaneCycle, RpersistMapping
         if lane_next[pre & lane_mask] == pre:
-            persist(tt_byte + 16 * lba + 8, 8)
+            help_persist(tt_byte + 16 * lba + 8, 8)
         # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
         # first copy the source into a temporary bytearray; a view the caller made once is used
         # as it is). A buffer of the wrong size makes the assignment raise ValueError: that is
@@ -966,7 +976,13 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
                 lane_next[lane] = newcycle + nfree
                 # WputFreeBlock: the old block becomes this lane's free block
                 lane_free[lane] = oldpba & pba_mask
-            # WputFreeBlock (CAS lost to a concurrent writer): the lane keeps its block
+            else:
+                # WpersistMapping (CAS lost to a concurrent writer): this write returns as
+                # linearized just before the one that superseded it, whose entry may not be
+                # durable yet (its writer between WswapMapping and WpersistMapping): persist it
+                # before acknowledging, or a cut could roll the LBA back behind this write.
+                # WputFreeBlock: the lane keeps its block
+                persist(tt_byte + 16 * lba + 8, 8)
         finally:
             push_lane(lane)
 

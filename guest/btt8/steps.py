@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-from .core import FLAG_ZERO, LANE_MASK, NFREE, PBA_MASK, Pool
+from .core import FLAG_ZERO, LANE_MASK, NFREE, NFREE_SHIFT, PBA_MASK, Pool, cycle_count
 
 WRITE_LABELS = ("Wstart", "WwriteBlock", "WloadOldCycle", "WloadOldPBA", "WswapMapping",
                 "WpersistMapping", "WupdateCycle", "WputFreeBlock")
@@ -52,10 +52,12 @@ def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None
         oldpba = pmem.load8(word + 1)
         yield "WswapMapping"
         swapped = pmem.cas16(word, oldcycle, oldpba, newcycle, newpba)
+        yield "WpersistMapping"
+        # A lost CAS: a concurrent write superseded this one, which returns as linearized just
+        # before it; that entry must be durable before this write is acknowledged.
+        if pool._test_fault != "unpersisted-mapping":
+            pmem.persist(word * 8 + 8, 8)
         if swapped:
-            yield "WpersistMapping"
-            if pool._test_fault != "unpersisted-mapping":
-                pmem.persist(word * 8 + 8, 8)
             yield "WupdateCycle"
             pool._lane_next[lane] = newcycle + NFREE  # lane count + 1
         yield "WputFreeBlock"
@@ -82,7 +84,10 @@ def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int
         yield "RloadLaneCycle"
         lane_next = pool._lane_next[pre & LANE_MASK]  # make_cycle(lane, lane count + 1)
         yield "RpersistMapping"
-        if lane_next == pre and pool._test_fault != "unpersisted-mapping":  # count + 1
+        helps = lane_next == pre  # the entry's count is the lane's count + 1
+        if pool._test_fault == "cycle-shift":  # TEST ONLY: the seed's count = cycle << 12
+            helps = pre << NFREE_SHIFT == cycle_count(lane_next)
+        if helps and pool._test_fault != "unpersisted-mapping":
             pmem.persist(word * 8 + 8, 8)
         yield "RcopyBlock"
         if pba & FLAG_ZERO:

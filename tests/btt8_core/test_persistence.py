@@ -160,3 +160,49 @@ def test_open_and_create_take_the_model(tmp_path) -> None:
         assert pool.persist_mode.startswith("adr-evict")
     with btt8.open(path, 512) as pool:
         assert not isinstance(pool._pmem, CachePmem)
+
+
+def test_a_writer_that_loses_the_cas_is_acknowledged_only_once_the_winner_is_durable() -> None:
+    """Found by `testbed explore`: two writers of one LBA load the same entry; the winner
+    swaps it and is preempted before WpersistMapping; the loser's CAS fails, so its write is
+    superseded by the winner's, and it returns. A cut now must not roll the LBA back behind the
+    loser's acknowledged write: the loser makes the entry that superseded it durable first."""
+    pool = make("adr")
+    pool.write(LBA, payload(1))
+    winner = write_steps(pool, LBA, payload(2))
+    loser = write_steps(pool, LBA, payload(3))
+    for step in loser:
+        if step == "WswapMapping":
+            break  # loaded the entry, the CAS comes next
+    for step in winner:
+        if step == "WpersistMapping":
+            break  # swapped, not yet persisted
+    swapped = None
+    try:
+        while True:
+            next(loser)
+    except StopIteration as done:
+        swapped = done.value
+    assert swapped is False  # the loser's write was superseded, and returned (acknowledged)
+    assert cut(pool).read(LBA) == payload(2)  # not payload(1): that would lose the ack
+
+
+@pytest.mark.parametrize("model", ["eadr", "adr"])
+def test_the_seeds_cycle_shift_loses_a_value_a_reader_returned_but_not_under_eadr(
+        model: str) -> None:
+    """The seed's CYCLE_CYCLE bug (count = cycle << 12) as the test fault cycle-shift: a reader
+    between a writer's WswapMapping and WpersistMapping returns the new block without helping
+    persist its entry. Under adr a cut there recovers the old block although a read returned
+    the new one (a read-reverted for the oracle; an acks-only check sees nothing wrong: the
+    write never returned). Under eadr the swap was durable the moment it was stored."""
+    for fault in ("", "cycle-shift"):
+        pool = make(model, fault)
+        pool.write(LBA, payload(1))
+        writer = write_steps(pool, LBA, payload(2))
+        for step in writer:
+            if step == "WpersistMapping":
+                break  # swapped, not yet persisted: the writer is preempted here
+        assert pool.read(LBA) == payload(2)
+        recovered = cut(pool).read(LBA)
+        lost = model == "adr" and fault == "cycle-shift"
+        assert recovered == (payload(1) if lost else payload(2)), (model, fault)
