@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --compare: alternate slices of N ops between the libraries "
                         "(both pools open; a busy host's slow patches hit both alike)")
     p.add_argument("--json", action="store_true")
+
+    p = b.add_parser("ops", help="cost per call vs libpmemblk, no page faults, warm LBA set "
+                                 "(fastest of N alternating rounds)")
+    p.add_argument("--bsize", type=int, default=4096)
+    p.add_argument("--pool-mib", type=int, default=256)
+    p.add_argument("--calls", type=int, default=2000, help="LBAs per timed pass")
+    p.add_argument("--repeat", type=int, default=200, help="rounds; the fastest counts")
+    p.add_argument("--dir", default="/dev/shm", help="where the temporary pools live")
+    p.add_argument("--seed", type=int, default=1)
     return parser
 
 
@@ -120,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.bench == "starve":
         bench.starve(args.path, args.bsize, args.pool_mib, args.seconds, args.writers,
                      sys.stdout, sys.stderr)
+    elif args.bench == "ops":
+        costs = bench.ops(args.bsize, args.pool_mib, args.calls, args.repeat, args.dir,
+                          args.seed)
+        print(json.dumps({**costs, "interpreter": bench.interpreter()}))
     else:
         results = bench.io(args.bsize, args.pool_mib, args.ops, args.compare, args.dir,
                            args.seed, args.read_buffer, args.interleave)

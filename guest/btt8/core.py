@@ -840,7 +840,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
     bsize, dataoff, tt_word = pool.bsize, pool._dataoff, pool._tt_word
     cycles, pbas, persist = pool._cycles, pool._pbas, pool._persist
     swap_persist = pool._pmem.swap_persist
-    store_persist, visible = pool._store_persist, pool._visible
+    store_flush, visible = pool._pmem.store_flush, pool._visible
     lane_next, lane_free, acquire_lane = pool._lane_next, pool._lane_free, pool._acquire_lane
     hungry, zero_block = pool._hungry, pool._zero_block
     check_lba, check_len, read_retry = pool._check_lba, pool._check_len, pool._read_retry
@@ -852,7 +852,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
     as_bytes = buffer if isinstance(buffer, mmap.mmap) else None  # its slices are bytes
     help_persist = persist  # a reader's RpersistMapping
     if fault == "unpersisted-data":  # TEST ONLY: see Pool._inject_test_fault
-        store_persist = pool._pmem.store
+        store_flush = pool._pmem.store
     elif fault == "unpersisted-mapping":
         swap_persist, persist, help_persist = pool._pmem.cas16, _no_persist, _no_persist
     elif fault == "cycle-shift":  # the seed's count never equals the lane count + 1 (steps.py)
@@ -954,8 +954,11 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
                 lane = acquire_lane()
         try:
             newpba = lane_free[lane]
-            # WwriteBlock: copy the data into the free block and persist it
-            store_persist((newpba + block0) * bsize, data)
+            # WwriteBlock: copy the data into the free block and persist it. The persistence
+            # layer may leave the wait for the copy to the fence that opens swap_persist (the
+            # block is then durable before the mapping to it can be): the loads between need
+            # no fence, and the copy drains while they run.
+            store_flush((newpba + block0) * bsize, data)
             # WloadOldCycle. The table view checks the LBA as it indexes (as in read_into); a
             # bad LBA leaves only the lane's free block written, which nothing maps.
             try:
@@ -968,9 +971,9 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
             newcycle = lane_next[lane]
             # WloadOldPBA
             oldpba = pbas[lba]
-            # WswapMapping, then WpersistMapping if it swapped: one interface call (cas16, then
-            # persist of the PBA half; its cycle shares the cache line, entries being 16-byte
-            # aligned, so recovery sees the cycle that goes with the PBA)
+            # WswapMapping, then WpersistMapping if it swapped: one interface call (fence,
+            # cas16, then persist of the PBA half; its cycle shares the cache line, entries
+            # being 16-byte aligned, so recovery sees the cycle that goes with the PBA)
             if swap_persist(tt_word + 2 * lba, oldcycle, oldpba, newcycle, newpba):
                 # WupdateCycle: the lane's count + 1 (its next cycle moves on by one count)
                 lane_next[lane] = newcycle + nfree

@@ -23,16 +23,24 @@ path never runs a Python frame for them):
     load_into(off, buf)           copy len(buf) bytes into a writable buffer
     store(off, data)              copy data in (not persisted)
     store_persist(off, data)      copy data in and persist it (pmem_memcpy_persist)
+    store_flush(off, data)        copy data in and flush it: durable once the next fence (or
+                                  swap_persist, which opens with one) returns. The base class
+                                  persists at once (store_persist); the libpmem backend copies
+                                  with non-temporal stores and leaves the wait for them to
+                                  that fence (pmem_memcpy_nodrain), so the copy drains while
+                                  the writer goes on with its loads
     load8(word) -> int            aligned 8-byte load (one load)
     store8(word, value)           aligned 8-byte store (one store)
     cas16(word, old_lo, old_hi, new_lo, new_hi) -> bool
                                   16-byte compare-and-swap of the entry at word (16-aligned)
     atomic_swap                   True when no thread can see half of a cas16 (see below)
     swap_persist(word, old_lo, old_hi, new_lo, new_hi) -> bool
-                                  cas16, then (if it swapped) persist the high half: BTT8's
-                                  WswapMapping + WpersistMapping as one call. The base class
-                                  composes cas16 and persist, so a backend that overrides those
-                                  sees both; the libpmem backend fuses them (one Python frame)
+                                  fence, cas16, then (if it swapped) persist the high half:
+                                  BTT8's WswapMapping + WpersistMapping as one call, the fence
+                                  making a store_flush-ed block durable before the mapping to
+                                  it can be. The base class composes fence, cas16 and persist,
+                                  so a backend that overrides those sees all three; the libpmem
+                                  backend fuses them (one Python frame)
     persist(off, n)               flush the range to the persistence domain
     fence()                       order earlier persists before later stores
     close()
@@ -103,7 +111,7 @@ def libpmem() -> ctypes.CDLL | None:
         # The hot-path handle: PyDLL keeps the GIL (no release/re-acquire around a sub-microsecond
         # call) and its functions have no argtypes, so ctypes converts nothing: callers pass a
         # ctypes.byref pointer and a small int (_FAST_LEN). ~90 ns less per call than argtypes.
-        for name in ("pmem_persist", "pmem_memcpy_persist", "pmem_drain"):
+        for name in ("pmem_persist", "pmem_memcpy_persist", "pmem_memcpy_nodrain", "pmem_drain"):
             getattr(raw, name).restype = None
         _libpmem_raw = raw
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
@@ -155,6 +163,9 @@ class Pmem:
         self._mv[off : off + len(data)] = data
         self.persist(off, len(data))
 
+    def store_flush(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self.store_persist(off, data)
+
     def cas16(self, word: int, old_lo: int, old_hi: int, new_lo: int, new_hi: int) -> bool:
         q = self._q
         stripe = self._stripes[(word >> 1) & (CAS_STRIPES - 1)]
@@ -177,6 +188,7 @@ class Pmem:
 
     def swap_persist(self, word: int, old_lo: int, old_hi: int, new_lo: int,
                      new_hi: int) -> bool:
+        self.fence()
         if self.cas16(word, old_lo, old_hi, new_lo, new_hi):
             self.persist(word * 8 + 8, 8)
             return True
@@ -426,6 +438,7 @@ class MappedPmem(Pmem):
             self.persist_mode = "libpmem"
             base, flush = self._base, lib.pmem_persist
             fast_flush, fast_copy = raw.pmem_persist, raw.pmem_memcpy_persist
+            fast_copy_nodrain, fast_drain = raw.pmem_memcpy_nodrain, raw.pmem_drain
             byref = ctypes.byref
             # The whole pool as one ctypes array: byref(whole, off) is a pointer into the mapping
             # built at C level. close() drops it (release_whole), so a call after close raises
@@ -450,6 +463,15 @@ class MappedPmem(Pmem):
                     mv[off : off + len(data)] = data
                     persist(off, len(data))
 
+            def store_flush(off: int, data: bytes | bytearray | memoryview) -> None:
+                n = len(data)
+                if type(data) is bytes and n < _FAST_LEN:
+                    # non-temporal stores, no wait for them: swap_persist's fence waits
+                    fast_copy_nodrain(byref(whole, off), data, n)  # type: ignore[arg-type]
+                else:
+                    mv[off : off + n] = data
+                    persist(off, n)
+
             if type(self).cas16 is Pmem.cas16:  # not overridden: fuse swap and persist
                 q, stripes, pack_pair = self._q, self._stripes, _PAIR.pack_into
                 mask = CAS_STRIPES - 1
@@ -465,6 +487,7 @@ class MappedPmem(Pmem):
                         if q[word] != old_lo or q[word + 1] != old_hi:
                             return False
                         off = word << 3
+                        fast_drain()  # store_flush-ed blocks are durable before the swap
                         pack_pair(mv, off, new_lo, new_hi)  # one C call, as in cas16
                     finally:
                         stripe.append(None)
@@ -480,6 +503,7 @@ class MappedPmem(Pmem):
             self._release_whole = release_whole
             self.persist = persist  # type: ignore[method-assign]
             self.store_persist = store_persist  # type: ignore[method-assign]
+            self.store_flush = store_flush  # type: ignore[method-assign]
             self.fence = raw.pmem_drain  # type: ignore[method-assign]
         elif self.is_devdax:
             self.persist_mode = "none (devdax without libpmem: relies on eADR)"

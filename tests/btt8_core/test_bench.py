@@ -103,3 +103,16 @@ def test_bench_io_interleaved_reports_both_libraries(tmp_path: Path) -> None:
         assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
     assert set(report["ratio"]) == {"write", "read"}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_ops_prints_per_call_costs(tmp_path: Path) -> None:
+    result = btt8("ops", "--pool-mib", "32", "--calls", "50", "--repeat", "3", "--dir",
+                  str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for name in ("btt8", "libpmemblk"):
+        assert set(report[name]) == {"write_ns", "read_ns"}
+        assert report[name]["write_ns"] > 0 and report[name]["read_ns"] > 0
+    assert set(report["ratio"]) == {"write", "read"}
+    assert report["interpreter"]["version"]
+    assert list(tmp_path.iterdir()) == []  # temporary pools removed
