@@ -535,10 +535,11 @@ def _cut_section(run_dir: Path, c: dict[str, Any], problems: list[str]) -> str:
             f"<li><code>{escape(_evidence_line(v, start))}</code></li>" for v in c["violations"]
         )
         parts.append(f"<ul>{items}</ul>")
-    culprits = {
+    culprits = {  # only well-formed (thread, op) pairs: a damaged record may hold anything
         (v["contradicts"].get("thread"), v["contradicts"].get("op"))
         for v in c["violations"]
-        if v.get("contradicts")
+        if v.get("contradicts") and _count(v["contradicts"].get("thread"))
+        and _count(v["contradicts"].get("op"))
     }
     if note:
         parts.append(f'<p class="bad">{escape(note)}</p>')
