@@ -200,7 +200,7 @@ def test_a_create_that_completes_leaves_an_empty_pool(pool: dict[str, Any],
                                  "epoch": 2, "events": str(events)})["ok"]
     assert [e["ev"] for e in read_events(events)] == ["start", "done"]
     recovery = agent_json("recover-and-dump", {"target": pool, "seed": 3, "lbas": 8})
-    assert judge_create(2, recovery).stats == {"new_pool": 1}
+    assert judge_create(2, recovery).stats == {"empty_pool": 1}
 
 
 def test_create_judge() -> None:
