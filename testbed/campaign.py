@@ -325,13 +325,18 @@ class Campaign:
         machine, target = chain.machine, chain.target
         assert machine is not None
         phases = Phases(on_enter=lambda name: self._progress(chain, cut, name))
-        config = s.workload_config(target.agent_target(), EVENTS_DEVICE, cut, chain.resume)
+        create = s.cuts.during == "create"  # the round formats the target; the cut lands there
+        if create:
+            command, config = "create", s.create_config(target.agent_target(), EVENTS_DEVICE, cut)
+        else:
+            command = "workload"
+            config = s.workload_config(target.agent_target(), EVENTS_DEVICE, cut, chain.resume)
         crash_image = results.resume_image(chain.index, cut)  # the resume point, once recorded
-        with phases("workload"):
-            runner = self.agent.start(machine.agent, "workload", config,
-                                      s.timeouts.workload_s + 30)
-            cut_at_s = self._wait_trigger(machine, cut, runner)
-            self.client.before_cut(machine, cut)
+        with phases(command):
+            runner = self.agent.start(machine.agent, command, config, s.timeouts.workload_s + 30)
+            cut_at_s, step = self._wait_trigger(machine, cut, runner, config.get("at_step"))
+            if not create:
+                self.client.before_cut(machine, cut)
         with phases("cut"):
             chain.restart.cut(machine, chain.nvdimm.backing, crash_image)
             machine.agent.cancel_pending()  # the workload's request: its guest is gone
@@ -353,10 +358,14 @@ class Campaign:
         phases.seconds["check"] = check_s
         with phases("judge"):
             events = events_mod.read(cut_dir / EVENTS)
-            verdict = self.client.judge(config, events, recovery, chain.initial)
-            chain.resume = oracle.next_resume(events, config["resume"])
+            if create:
+                verdict = oracle.judge_create(cut, recovery, chain.initial)
+            else:
+                verdict = self.client.judge(config, events, recovery, chain.initial)
+                chain.resume = oracle.next_resume(events, config["resume"])
+        record = verdict.to_json() if step is None else {**verdict.to_json(), "step": step}
         with self.lock:
-            results.record_cut(cut, verdict.to_json(), phases.seconds, crash_image=crash_image,
+            results.record_cut(cut, record, phases.seconds, crash_image=crash_image,
                                cut_at_s=cut_at_s, worker=chain.index)
             # summary.json is current after every cut; the report and JUnit (rendered from the
             # whole folder, ~50 ms a cut) at most every PUBLISH_EVERY_S, and at the end.
@@ -371,9 +380,11 @@ class Campaign:
         counts = verdict.counts()
         self.say(f"{self._tag(chain)}cut {cut}: "
                  f"{'ok' if verdict.ok else 'VIOLATIONS ' + json.dumps(counts)}"
-                 f" (cut {cut_at_s:.2f} s into the workload)")
+                 f" ({_where(step)}{cut_at_s:.2f} s into the {command})")
         chain.initial = oracle.initial_state(recovery)
-        if not recovery.get("ok"):
+        if create and recovery.get("not_a_pool"):
+            self._format(chain, machine.agent)  # the cut left no pool: the next round needs one
+        elif not recovery.get("ok"):
             self._unrecoverable(chain, cut)
 
     def _unrecoverable(self, chain: Chain, cut: int) -> None:
@@ -512,9 +523,15 @@ class Campaign:
                   "lbas": s.workload.lbas, **self.client.recover_config()}
         return self.agent.run(agent, "recover-and-dump", config, s.timeouts.recover_s)
 
-    def _wait_trigger(self, machine: Machine, cut: int, runner: Background) -> float:
-        """Block until the cut is due; seconds from the round's `start` event to now."""
+    def _wait_trigger(self, machine: Machine, cut: int, runner: Background,
+                      at_step: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
+        """Block until the cut is due: seconds from the round's `start` event to now and, for
+        an at_step cut, where it landed (the agent's `pause` event: a thread holding at the
+        label) or that the round ended without reaching the step (`reached: false`)."""
         s = self.scenario
+        step = None if at_step is None else {
+            "label": at_step["label"], "nth": at_step["nth"],
+            "thread": "any" if at_step["thread"] is None else at_step["thread"], "reached": False}
         delay, after_acks = s.cut_delay_s(cut), s.cuts.when.after_acks
         deadline = time.monotonic() + s.timeouts.workload_s
         started_at: float | None = None
@@ -528,17 +545,22 @@ class Campaign:
                     started_at = time.monotonic()
                 elif ev.get("ev") == "ok" and ev.get("kind") == "write":
                     acked_writes += 1
+                elif ev.get("ev") == "pause" and step is not None and started_at is not None:
+                    step.update(reached=True, at={k: ev.get(k) for k in ("thread", "op", "kind",
+                                                                         "lba")})
+                    return time.monotonic() - started_at, step
             now = time.monotonic()
             if started_at is not None:
                 if delay is not None and now - started_at >= delay:
-                    return now - started_at
+                    return now - started_at, step
                 if after_acks is not None and acked_writes >= after_acks:
-                    return now - started_at
+                    return now - started_at, step
             if finished:
                 if runner.error is not None or started_at is None:
                     raise CampaignError(f"the workload ended before the cut: "
                                         f"{runner.error or 'it never started'}")
-                return now - started_at  # ops exhausted before the trigger: cut it idle
+                # ops exhausted before the trigger (or the step never reached): cut it idle
+                return now - started_at, step
             if now > deadline:
                 raise CampaignError(
                     f"the cut trigger did not fire within {s.timeouts.workload_s} s "
@@ -563,6 +585,18 @@ class Campaign:
             if src.exists():
                 shutil.copyfile(src, cut_dir / f"{prefix}{name}")
 
+
+
+def _where(step: dict[str, Any] | None) -> str:
+    """Where an at_step cut landed, for the progress line."""
+    if step is None:
+        return "cut "
+    want = f"{step['label']} #{step['nth']}" + (
+        "" if step["thread"] == "any" else f" of thread {step['thread']}")
+    if not step["reached"]:
+        return f"step {want} never reached: cut idle "
+    at = step["at"]
+    return f"cut at {want} (thread {at['thread']} op {at['op']} {at['kind']}), "
 
 
 def _to_stderr(message: str) -> None:

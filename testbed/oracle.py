@@ -115,6 +115,36 @@ class Verdict:
         }
 
 
+def judge_create(epoch: int, recovery: dict[str, Any],
+                 initial: dict[int, Decoded] | None = None) -> Verdict:
+    """A round that cut a create short (cuts.during: create). Create clears the signature first
+    and writes it last, so open must find no pool (`not_a_pool`: the testbed creates it anew),
+    the old pool intact (every working-set LBA holds its `initial` value: the cut came before
+    the signature was cleared) or an empty pool (every LBA zero: the new one whole, or an old
+    one that was empty), having passed the read-only check. Any other failure to open is
+    `unrecoverable`; a pool that opens with any other mix of blocks is half made: each block
+    that is neither old nor zero a `torn` or `phantom`."""
+    if not recovery.get("ok"):
+        if recovery.get("not_a_pool"):
+            return Verdict(epoch, stats={"no_pool": 1})
+        return Verdict(epoch, [Violation("unrecoverable", None, f"after a cut during create: "
+                                                                f"{recovery.get('error')}")])
+    initial = initial or {}
+    blocks = {int(lba): Decoded.from_json(value) for lba, value in recovery["blocks"].items()}
+    if all(block == ZERO for block in blocks.values()):
+        return Verdict(epoch, stats={"empty_pool": 1})
+    if all(block == initial.get(lba, ZERO) for lba, block in blocks.items()):
+        return Verdict(epoch, stats={"old_pool": 1})
+    found = [Violation("torn" if block.kind == "torn" else "phantom", lba,
+                       f"after a cut during create lba {lba} reads {block.kind}: neither the "
+                       f"old pool's block nor the new pool's zero", survivor=block)
+             for lba, block in blocks.items() if block not in (ZERO, initial.get(lba, ZERO))]
+    if not found:  # each block is old or zero, but not all alike
+        found = [Violation("phantom", None, "after a cut during create the pool reads part old "
+                                            "blocks, part zeros: a half-made pool")]
+    return Verdict(epoch, found)
+
+
 def next_resume(events: Iterable[dict[str, Any]], resume: list[int]) -> list[int]:
     """Per-thread op index for the next round: past every op this round was seen invoking."""
     after = list(resume)

@@ -604,15 +604,19 @@ def _cut_section(run_dir: Path, c: dict[str, Any], problems: list[str]) -> str:
     bad_lbas = {v.get("lba") for v in c["violations"]} - {None}  # lba: optional
     start = next((e["t"] for e in events if e["ev"] == "start"), None)
     parts = [f'<h3 id="cut-{n}">Cut {n}</h3>']
+    step = _step_line(c.get("step"))
+    if step:
+        parts.append(f"<p>{escape(step)}</p>")
     if c["violations"]:
         items = "".join(
             f"<li><code>{escape(_evidence_line(v, start))}</code></li>" for v in c["violations"]
         )
         parts.append(f"<ul>{items}</ul>")
-    culprits = {
+    culprits = {  # only well-formed (thread, op) pairs: a damaged record may hold anything
         (v["contradicts"].get("thread"), v["contradicts"].get("op"))
         for v in c["violations"]
-        if v.get("contradicts")
+        if v.get("contradicts") and _count(v["contradicts"].get("thread"))
+        and _count(v["contradicts"].get("op"))
     }
     if note:
         parts.append(f'<p class="bad">{escape(note)}</p>')
@@ -624,6 +628,21 @@ def _cut_section(run_dir: Path, c: dict[str, Any], problems: list[str]) -> str:
     )
     parts.append(f'<p class="muted">{links}</p>')
     return "\n".join(parts)
+
+
+def _step_line(step: Any) -> str:
+    """Where an at_step cut landed ('' for other cuts); the record is not trusted: any value
+    shows as text."""
+    if not isinstance(step, dict):
+        return ""
+    want = f"{step.get('label')} #{step.get('nth')} of thread {step.get('thread')}"
+    if step.get("reached") is not True:
+        return f"Step {want} never reached: cut after the round ended."
+    at = step.get("at")
+    if not isinstance(at, dict):
+        at = {}
+    return (f"Cut at step {want}: thread {at.get('thread')} held there in op {at.get('op')} "
+            f"({at.get('kind')} of lba {at.get('lba')}).")
 
 
 def _report_events(path: Path, what: str) -> tuple[list[dict[str, Any]], str | None]:

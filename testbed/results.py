@@ -372,7 +372,17 @@ class RunResults:
             "workers": self._workers(elapsed),
             "cut_wall_s": {str(c["cut"]): c["wall_s"] for c in self.cuts},
             "resumed": self.resumed,
+            "at_step": self._steps(),
         }
+
+    def _steps(self) -> dict[str, int] | None:
+        """at_step cuts: how many landed at their step, how many rounds ended without reaching
+        it (cut idle after the workload, judged like any round, but not a cut at the step)."""
+        steps = [c["step"] for c in self.cuts if isinstance(c.get("step"), dict)]
+        if not steps:
+            return None
+        reached = sum(1 for step in steps if step.get("reached"))
+        return {"reached": reached, "missed": len(steps) - reached}
 
     def _workers(self, elapsed: float) -> dict[str, dict[str, Any]]:
         """Per chain of rounds (`--jobs`): cuts, cuts per minute, seconds per phase."""

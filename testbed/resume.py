@@ -118,6 +118,9 @@ def _prepare(run_dir: Path, scenario_file: Path | None, jobs: int | None) -> Res
     if scenario.target.client not in (None, "agent"):
         raise ResumeError(f"resuming a `target.client: {scenario.target.client}` campaign is "
                           f"not supported (its client keeps state across rounds on the host)")
+    if scenario.cuts.during == "create":
+        raise ResumeError("resuming a `cuts.during: create` campaign is not supported (a round "
+                          "may leave no pool, which the next round's format depends on)")
     package_hash = manifest.get("guest_package_sha256")
     with tempfile.TemporaryDirectory(prefix="testbed-stage-") as tmp:
         current_hash = stage(Path(tmp))[1]

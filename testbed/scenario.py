@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from btt8.pmem import PERSISTENCE_MODELS
+from btt8.steps import CREATE_LABELS, READ_LABELS, WRITE_LABELS
 
 from testbed.clients import CLIENTS
 from testbed.qemu_cmdline import NAME_RE
@@ -26,6 +27,8 @@ from testbed.targets import TARGETS, TargetSpec, driver_class, make_target, name
 
 ACCELS = ("auto", "kvm", "tcg")
 ON_UNRECOVERABLE = ("stop", "reformat")
+DURING = ("workload", "create")  # what a cut round runs and cuts: cuts.during
+RANDOM_LABEL = "random"  # at_step.label: drawn per cut from the labels the round reaches
 MIN_NVDIMM_MIB = 16  # one region alignment unit
 MIB = 1 << 20
 
@@ -119,9 +122,19 @@ class WorkloadSpec:
 
 
 @dataclass(frozen=True)
+class StepSpec:
+    """Cut when a thread reaches a step (btt8.steps label) for the nth time in the round."""
+
+    label: str  # a label of btt8.steps, or RANDOM_LABEL: drawn per cut
+    thread: int | None = None  # the workload thread, or None: any thread
+    nth: tuple[int, int] = (1, 1)  # drawn per cut from [lo, hi]
+
+
+@dataclass(frozen=True)
 class CutWhen:
     after_s: tuple[float, float] | None = None  # seeded-random delay after the workload starts
     after_acks: int | None = None  # cut once this many writes are acknowledged
+    at_step: StepSpec | None = None  # the agent holds a thread at a step, the host cuts there
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,7 @@ class CutsSpec:
     when: CutWhen
     restart: str = "snapshot"  # a restart strategy (testbed.restart.RESTARTS)
     on_unrecoverable: str = "stop"  # or reformat the target and go on
+    during: str = "workload"  # or "create": each round formats the target and cuts that
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,38 @@ class Scenario:
             return None
         return random.Random(f"{self.seed}:cut:{cut}").uniform(*window)
 
+    def step_labels(self) -> tuple[str, ...]:
+        """The labels a round of this scenario passes through (what `label: random` draws
+        from): create's, or those of the op kinds in the mix (a zero op writes no block)."""
+        if self.cuts.during == "create":
+            return CREATE_LABELS
+        mix = self.workload.mix
+        labels: tuple[str, ...] = READ_LABELS if mix.read else ()
+        if mix.write:
+            labels += WRITE_LABELS
+        elif mix.zero:
+            labels += tuple(label for label in WRITE_LABELS if label != "WwriteBlock")
+        return labels
+
+    def cut_step(self, cut: int) -> dict[str, Any] | None:
+        """The agent's `at_step` for cut number `cut`: label and nth drawn from the seed and the
+        cut number (so a campaign replays them), or None when cuts are not at a step."""
+        step = self.cuts.when.at_step
+        if step is None:
+            return None
+        draw = random.Random(f"{self.seed}:step:{cut}")
+        label = draw.choice(self.step_labels()) if step.label == RANDOM_LABEL else step.label
+        return {"label": label, "thread": step.thread, "nth": draw.randint(*step.nth),
+                "hold_s": self.timeouts.workload_s}
+
+    def create_config(self, target: dict[str, Any], events: str, epoch: int) -> dict[str, Any]:
+        """The agent's `create` config for cut round `epoch` (cuts.during: create)."""
+        config = {"target": target, "seed": self.seed, "epoch": epoch, "events": events}
+        step = self.cut_step(epoch)
+        if step is not None:
+            config["at_step"] = step
+        return config
+
     def workload_config(
         self, target: dict[str, Any], events: str, epoch: int, resume: list[int] | None = None
     ) -> dict[str, Any]:
@@ -178,6 +224,9 @@ class Scenario:
             config["ops"] = w.ops
         else:
             config["duration_s"] = w.duration_s
+        step = self.cut_step(epoch)
+        if step is not None:
+            config["at_step"] = step
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -419,6 +468,7 @@ class _Validator:
         )
         scenario = Scenario(**v)
         self.check_fits(root, scenario)
+        self.check_cut_kind(root, scenario)
         problem = make_target(scenario.target).snapshot_problem()
         if problem and scenario.cuts.restart == "snapshot":
             cuts = _child(root, "cuts")
@@ -534,6 +584,7 @@ class _Validator:
                 "restart": self.choice(tuple(RESTARTS)),
                 "when": self.when,
                 "on_unrecoverable": self.choice(ON_UNRECOVERABLE),
+                "during": self.choice(DURING),
             },
             required=("count", "when"),
         )
@@ -541,10 +592,42 @@ class _Validator:
 
     def when(self, node: Node, key: str) -> CutWhen:
         v = self.mapping(node, key, {"after_s": self.window,
-                                     "after_acks": self.integer(1, MAX_ACKS)})
+                                     "after_acks": self.integer(1, MAX_ACKS),
+                                     "at_step": self.at_step})
         if len(v) != 1:
-            raise self.fail(node, key, "give exactly one of after_s: [lo, hi] or after_acks: N")
+            raise self.fail(node, key, "give exactly one of after_s: [lo, hi], after_acks: N "
+                                       "or at_step: {label, thread, nth}")
         return CutWhen(**v)
+
+    def at_step(self, node: Node, key: str) -> StepSpec:
+        labels = (RANDOM_LABEL, *WRITE_LABELS, *READ_LABELS, *CREATE_LABELS)
+        v = self.mapping(node, key, {"label": self.choice(labels), "thread": self.thread,
+                                     "nth": self.nth}, required=("label",))
+        return StepSpec(**v)
+
+    def thread(self, node: Node, key: str) -> int | None:
+        what = f"any or a thread index >= 0 and < {MAX_THREADS}"
+        value = self.scalar(node, key, what)
+        if value == "any":
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_THREADS:
+            raise self.fail(node, key, f"expected {what}, got {_show(value)}")
+        return value
+
+    def nth(self, node: Node, key: str) -> tuple[int, int]:
+        """N (the Nth arrival) or [lo, hi]: drawn per cut."""
+        count = self.integer(1, MAX_OPS)
+        if isinstance(node, yaml.ScalarNode):
+            n = count(node, key)
+            return (n, n)
+        what = f"an integer >= 1 or a list [lo, hi] of them with lo <= hi <= {MAX_OPS}"
+        if (not isinstance(node, yaml.SequenceNode) or node.tag != SEQUENCE_TAG
+                or len(node.value) != 2):
+            raise self.fail(node, key, f"expected {what}, got {_describe(node)}")
+        lo, hi = (count(item, key) for item in node.value)
+        if lo > hi:
+            raise self.fail(node, key, f"expected {what}, got [{lo}, {hi}]")
+        return (lo, hi)
 
     def timeouts(self, node: Node, key: str) -> TimeoutsSpec:
         positive = self.number(0.0, MAX_SECONDS, strict=True)
@@ -570,6 +653,40 @@ class _Validator:
                 "workload.lbas",
                 f"working set of {s.workload.lbas} blocks exceeds the target's {capacity}",
             )
+
+
+    def check_cut_kind(self, root: Node, s: Scenario) -> None:
+        """Cuts at a step and cuts during create need the BTT8 core in the agent; the step must
+        be one the rounds reach, by a thread that exists."""
+        cuts = _child(root, "cuts")
+        when, step = _child(cuts, "when"), s.cuts.when.at_step
+        btt8 = s.target.kind == "btt8"
+        if s.cuts.during == "create":
+            if not btt8:
+                raise self.fail(_child(cuts, "during"), "cuts.during",
+                                f"create cuts format a btt8 target, not {s.target.kind}")
+            if s.cuts.when.after_acks is not None:
+                raise self.fail(_child(when, "after_acks"), "cuts.when.after_acks",
+                                "a create acknowledges no writes: use after_s or at_step")
+        if step is None:
+            return
+        at = _child(when, "at_step")
+        if not btt8:
+            raise self.fail(at, "cuts.when.at_step",
+                            f"steps are btt8's (btt8.steps), not {s.target.kind}'s")
+        if step.label != RANDOM_LABEL and step.label not in s.step_labels():
+            where = ("a create (cuts.during: create)" if s.cuts.during == "create"
+                     else "this workload.mix")
+            raise self.fail(_child(at, "label"), "cuts.when.at_step.label",
+                            f"{step.label} is never reached by {where}; it reaches: "
+                            f"{', '.join(s.step_labels())}")
+        if s.cuts.during == "create" and step.nth[1] > 1:
+            raise self.fail(_child(at, "nth"), "cuts.when.at_step.nth",
+                            "a create passes each of its steps once: nth must be 1")
+        threads = 1 if s.cuts.during == "create" else s.workload.threads
+        if step.thread is not None and step.thread >= threads:
+            raise self.fail(_child(at, "thread"), "cuts.when.at_step.thread",
+                            f"thread {step.thread} does not exist: the round runs {threads}")
 
 
 def _child(node: Node, name: str) -> Node:

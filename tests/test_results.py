@@ -243,3 +243,20 @@ def test_a_violation_without_its_lba_still_renders(run: RunResults, tmp_path: Pa
     path.write_text(json.dumps(verdict))
     publish(run.run_dir)
     assert "lost-ack" in (run.run_dir / "report.html").read_text()
+
+
+def test_at_step_cuts_are_counted_and_shown(run: RunResults, tmp_path: Path) -> None:
+    """A cut that landed at its step and one whose round never reached it: summary.json counts
+    them apart, report.html says where each landed (or that it did not)."""
+    landed = {"label": "WpersistMapping", "nth": 3, "thread": "any", "reached": True,
+              "at": {"thread": 2, "op": 17, "kind": "write", "lba": 5}}
+    missed = {"label": "RcopyBlock", "nth": 900, "thread": 1, "reached": False}
+    for n, step in ((1, landed), (2, missed)):
+        verdict = synthetic_cut(run.cut_dir(n), n - 1, lose_ack=False)
+        run.record_cut(n, {**verdict, "step": step}, PHASES, cut_at_s=1.5)
+    assert run.summary()["at_step"] == {"reached": 1, "missed": 1}
+    publish(run.run_dir)
+    html = (run.run_dir / "report.html").read_text()
+    assert ("Cut at step WpersistMapping #3 of thread any: thread 2 held there in op 17 "
+            "(write of lba 5).") in html
+    assert "Step RcopyBlock #900 of thread 1 never reached" in html

@@ -25,12 +25,12 @@ def _guest_hash(tmp: Path) -> str:
 
 
 def _interrupted(tmp_path: Path, finished: int, release: bool = True, jobs: int = 1,
-                 shard: Shard | None = None) -> RunResults:
+                 shard: Shard | None = None, scenario_file: Path = SMOKE) -> RunResults:
     """A run folder as a SIGKILLed orchestrator leaves it: `finished` cuts recorded, each
     chain's last crash image kept, the next cut half done (a cut folder without verdict, a
     partial crash image copy)."""
-    scenario = load_scenario(SMOKE)
-    run = RunResults.create(tmp_path / "results", scenario, SMOKE,
+    scenario = load_scenario(scenario_file)
+    run = RunResults.create(tmp_path / "results", scenario, scenario_file,
                             {"jobs": jobs, "guest_package_sha256": _guest_hash(tmp_path)},
                             run_id="r", shard=shard)
     for i, n in enumerate(run.planned[:finished]):
@@ -148,6 +148,10 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest["guest_package_sha256"] = "0" * 64
     (guest.run_dir / "manifest.json").write_text(json.dumps(manifest))
     assert "guest packages" in _refused(capsys, guest.run_dir)
+
+    creates = _interrupted(tmp_path / "h", finished=1,
+                           scenario_file=SMOKE.parent / "btt8-create-cuts.yaml")
+    assert "cuts.during: create" in _refused(capsys, creates.run_dir)
 
     assert main(["run"]) == 2  # neither a scenario nor --resume
 

@@ -10,18 +10,34 @@ tests/btt8_core/test_steps.py checks that both produce the same media and lane s
     for label in writer: ...           # label in WRITE_LABELS, the step has not run yet
     reader = read_steps(pool, lba, buf)
     ...; the generator's return value (StopIteration.value) is the read's retry count
+    creator = create_steps(pmem, layout)   # format_pool, with CREATE_LABELS (not from the spec)
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
 
-from .core import FLAG_ZERO, LANE_MASK, NFREE, NFREE_SHIFT, PBA_MASK, Pool, cycle_count
+from .core import (
+    FLAG_ZERO,
+    LANE_MASK,
+    NFREE,
+    NFREE_SHIFT,
+    PBA_MASK,
+    SIG,
+    Layout,
+    Pool,
+    cycle_count,
+    initial_table,
+)
+from .pmem import Pmem
 
 WRITE_LABELS = ("Wstart", "WwriteBlock", "WloadOldCycle", "WloadOldPBA", "WswapMapping",
                 "WpersistMapping", "WupdateCycle", "WputFreeBlock")
 READ_LABELS = ("RloadPreCycle", "RloadPBA", "RloadLaneCycle", "RpersistMapping", "RcopyBlock",
                "RcheckAtomicity")
+# The spec has no create; its steps are named in the same style so a cut can land at each.
+CREATE_LABELS = ("CclearSignature", "CwriteSuper", "CwriteTable", "CpersistLayout",
+                 "CwriteSignature")
 
 
 def write_steps(pool: Pool, lba: int, data: bytes | None) -> Generator[str, None, bool]:
@@ -99,3 +115,19 @@ def read_steps(pool: Pool, lba: int, buf: bytearray) -> Generator[str, None, int
         if pmem.load8(word) == pre and (pool._swap_is_atomic or pmem.load8(word + 1) == pba):
             return retries
         retries += 1
+
+
+def create_steps(pmem: Pmem, lay: Layout) -> Generator[str, None, None]:
+    """core.format_pool one step at a time (tests/btt8_core/test_steps.py: same media). The
+    signature is cleared first and written last: a cut at any step leaves the old pool or none."""
+    yield "CclearSignature"
+    pmem.store_persist(0, bytes(len(SIG)))
+    yield "CwriteSuper"
+    pmem.store(len(SIG), lay.pack()[len(SIG):])
+    yield "CwriteTable"
+    pmem.store(lay.ttoff, initial_table(lay.nblocks, lay.nfree))
+    yield "CpersistLayout"
+    pmem.persist(0, lay.dataoff)
+    pmem.fence()
+    yield "CwriteSignature"
+    pmem.store_persist(0, SIG)

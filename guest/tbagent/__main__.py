@@ -9,9 +9,16 @@ workload          {"target": T, "seed": S, "epoch": E, "threads": k, "lbas": N,
                   start; per op invoke then ok | fail (OSError) | died (any other exception,
                   with the traceback); per thread end (it finished its ops or the duration);
                   done
+                  with "at_step": {"label", "thread" (null: any), "nth", "hold_s"} (btt8
+                  only) every op runs through btt8.steps and the nth arrival at the label
+                  writes a pause event and holds there (tbagent.atstep)
+create            {"target": T (btt8), "seed": S, "epoch": E, "events": PATH, "at_step"?}
+                  -> {"ok": true}: formats the pool through btt8.steps.create_steps under the
+                  target's persistence model, for a cut during create; events start, pause, done
 recover-and-dump  {"target": T, "seed": S, "lbas": N}
                   -> {"ok": true, "checked": bool (btt8 read-only check ran), "check_s": s,
-                      "nblock": n, "blocks": {"<lba>": VALUE}} | {"ok": false, "error": str}
+                      "nblock": n, "blocks": {"<lba>": VALUE}}
+                  | {"ok": false, "error": str, "not_a_pool": bool (no signature: no pool)}
 T = {"kind": "btt8" | "kernel-btt" | "raw-pmem" | "btt8-blk", "path": str, "bsize": int,
      "pool_mib": int (prepare of a btt8 pool file only),
      "client": "fio" | "ext4" (block devices; absent: this agent's workload; the three commands
@@ -25,9 +32,7 @@ config is unusable (a testbed bug).
 import json
 import sys
 
-from tbagent.agent import TEST_FAULT, ConfigError, prepare, recover_and_dump, workload
-
-COMMANDS = {"prepare": prepare, "workload": workload, "recover-and-dump": recover_and_dump}
+from tbagent.agent import COMMANDS, TEST_FAULT, ConfigError
 
 
 def main(argv: list[str]) -> int:

@@ -13,16 +13,21 @@ import stat
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from tbagent import clients
+from tbagent.atstep import StepTrap
 from tbagent.payload import WriteId, decode_block, make_block, op_at
 
 MIB = 1 << 20
 # Test-only faults (the host's test suite sets this in the agent's environment; no scenario key
 # or CLI flag reaches it): they make the target or the agent misbehave on purpose so the tests
 # can prove that the host turns each misbehaviour into the right verdict or failure.
+# `unpersisted-data` and `unpersisted-mapping` are BTT8 persistence defects
+# (btt8.core.Pool._inject_test_fault) injected into every pool the workload opens.
 TEST_FAULT = os.environ.get("TBAGENT_TEST_FAULT", "")
+BTT8_TEST_FAULTS = ("unpersisted-data", "unpersisted-mapping")
 TRACEBACK_CHARS = 3000  # an event line stays well inside one write to the port
 
 
@@ -48,6 +53,8 @@ class PoolTarget:
         # persistence: the model the pool runs under (btt8.pmem.with_model). Under adr the
         # stores live in a DRAM copy until persisted; a QMP cut kills it with the guest.
         self.pool = btt8.open(path, bsize, persistence=persistence, seed=seed)
+        if TEST_FAULT in BTT8_TEST_FAULTS:
+            self.pool._inject_test_fault(TEST_FAULT)
         self.nblock = self.pool.nblock
 
     def read(self, lba: int) -> bytes:
@@ -157,11 +164,9 @@ def prepare(config: dict[str, Any]) -> dict[str, Any]:
     if target["kind"] == "btt8":
         import btt8
 
-        path, pool_mib = target["path"], target.get("pool_mib")
-        if pool_mib and os.path.isfile(path):
-            os.unlink(path)  # a pool file from an earlier run: btt8.create refuses to overwrite
         # A device is formatted in place (its whole size when pool_mib is absent).
-        btt8.create(path, target["bsize"], (pool_mib or 0) * MIB).close()
+        btt8.create(_fresh_pool_path(target), target["bsize"],
+                    (target.get("pool_mib") or 0) * MIB).close()
     dev = open_target(target)
     try:
         if lbas > dev.nblock:
@@ -172,6 +177,44 @@ def prepare(config: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "nblock": dev.nblock}
     finally:
         dev.close()
+
+
+def _fresh_pool_path(target: dict[str, Any]) -> str:
+    """The pool's path, a pool file of an earlier run removed (create refuses to overwrite)."""
+    path = target["path"]
+    if target.get("pool_mib") and os.path.isfile(path):
+        os.unlink(path)
+    return str(path)
+
+
+def create(config: dict[str, Any]) -> dict[str, Any]:
+    """Format the BTT8 target step by step (btt8.steps.create_steps) under the target's
+    persistence model, for a cut during create: events start, pause (at_step), done."""
+    import btt8
+    from btt8.core import Layout
+    from btt8.steps import create_steps
+
+    target, epoch, seed = config["target"], config["epoch"], config["seed"]
+    if target["kind"] != "btt8" or target.get("client", "agent") != "agent":
+        raise ConfigError(f"create cuts need a btt8 target, not {target['kind']!r}")
+    log = EventLog(config["events"])
+    trap = StepTrap(config["at_step"], log.emit) if config.get("at_step") else None
+    log.emit({"ev": "start", "t": time.monotonic_ns(), "epoch": epoch, "pid": os.getpid()})
+    size = (target.get("pool_mib") or 0) * MIB
+    media = btt8.MappedPmem(_fresh_pool_path(target), create_size=size)
+    pmem = btt8.with_model(media, target.get("persistence", "eadr"), seed * 1_000_003 + epoch)
+    try:
+        steps = create_steps(pmem, Layout.for_pool(target["bsize"], size or pmem.size))
+        if trap is None:
+            for _ in steps:
+                pass
+        else:
+            trap.drive(steps, {"epoch": epoch, "thread": 0, "op": 0, "kind": "create"})
+    finally:
+        pmem.close()
+    log.emit({"ev": "done", "t": time.monotonic_ns(), "epoch": epoch, "errors": []})
+    log.close()
+    return {"ok": True}
 
 
 class EventLog:
@@ -222,6 +265,11 @@ def workload(config: dict[str, Any]) -> dict[str, Any]:
     elif TEST_FAULT == "corrupt-target":
         scribble_superblock(config["target"]["path"])
     log = EventLog(config["events"])
+    trap, pool = None, None  # at_step: ops through btt8.steps, one thread held at a label
+    if config.get("at_step"):
+        if not isinstance(dev, PoolTarget):
+            raise ConfigError("at_step cuts need a btt8 target")
+        trap, pool = StepTrap(config["at_step"], log.emit), dev.pool
     deadline = time.monotonic_ns() + int(duration_s * 1e9) if duration_s is not None else None
     errors: list[str] = []
 
@@ -238,7 +286,10 @@ def workload(config: dict[str, Any]) -> dict[str, Any]:
             )
             log.emit({"ev": "invoke", "t": time.monotonic_ns(), **base})
             try:
-                observed = _apply(dev, kind, lba, data)
+                if trap is None:
+                    observed = _apply(dev, kind, lba, data)
+                else:
+                    observed = trap.apply(pool, kind, lba, data, base)
             except OSError as e:
                 # The op's effect is unknown (the host treats it like one cut short); stop the
                 # thread: a failing device makes every later op meaningless.
@@ -310,9 +361,12 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
     try:
         checked = target["kind"] == "btt8" and btt8_check(target["path"], target["bsize"])
         check_s = time.monotonic() - started
-        dev = open_target(target)
+        # Recovery only reads, so it opens the media itself (eadr): a cache model's DRAM copy
+        # would hold the same bytes, at the cost of copying the whole device in and, at close,
+        # writing it all back (seconds a cut on a 256 MiB devdax under TCG).
+        dev = open_target({**target, "persistence": "eadr"})
     except Exception as e:  # whatever recovery raises is the evidence
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "not_a_pool": _not_a_pool(e)}
     try:
         blocks = {str(lba): decode_block(dev.read(lba), seed, lba).to_json() for lba in range(lbas)}
     except Exception as e:  # a pool that opens but cannot be read is unrecoverable
@@ -323,9 +377,25 @@ def recover_and_dump(config: dict[str, Any]) -> dict[str, Any]:
             "blocks": blocks}
 
 
+def _not_a_pool(e: Exception) -> bool:
+    """Open found no pool at all (no signature, no pool-sized file): what a create cut short
+    may leave, as opposed to a pool that is there but inconsistent."""
+    import btt8
+
+    if isinstance(e, btt8.CorruptionError):
+        return "bad signature" in str(e)
+    return isinstance(e, btt8.Btt8Error)
+
+
 def btt8_check(path: str, bsize: int) -> bool:
     """`btt8 check`: raises on an inconsistent pool (a PBA mapped twice, a wrong number of free
     blocks, a bad superblock) without writing to it."""
     import btt8
 
     return bool(btt8.check(path, bsize)["ok"])
+
+
+# The agent's commands (python3 -m tbagent NAME, or a request to tbagent serve).
+COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "prepare": prepare, "workload": workload, "create": create,
+    "recover-and-dump": recover_and_dump}

@@ -26,9 +26,7 @@ import time
 import traceback
 from typing import Any
 
-from tbagent.agent import TEST_FAULT, ConfigError, prepare, recover_and_dump, workload
-
-COMMANDS = {"prepare": prepare, "workload": workload, "recover-and-dump": recover_and_dump}
+from tbagent.agent import COMMANDS, TEST_FAULT, ConfigError
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:

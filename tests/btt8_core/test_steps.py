@@ -4,9 +4,16 @@ interleaving of their PlusCal steps."""
 import random
 
 import btt8
-from btt8.core import Pool
+from btt8.core import Layout, Pool, format_pool
 from btt8.pmem import MemoryPmem
-from btt8.steps import READ_LABELS, WRITE_LABELS, read_steps, write_steps
+from btt8.steps import (
+    CREATE_LABELS,
+    READ_LABELS,
+    WRITE_LABELS,
+    create_steps,
+    read_steps,
+    write_steps,
+)
 from btt8_helpers import MIB, DurablePmem, pin_home_lane
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,3 +121,14 @@ def test_reader_between_the_cas_halves_never_returns_a_reused_block() -> None:
     for _ in reader:
         pass
     assert bytes(buf) in (a, b), "the read returned another LBA's data"
+
+
+def test_create_steps_lay_down_what_format_pool_does() -> None:
+    lay = Layout.for_pool(512, 16 * MIB)
+    production, stepped = MemoryPmem(16 * MIB), MemoryPmem(16 * MIB)
+    stepped.store(0, b"\xa5" * 4096)  # an old superblock and table underneath
+    production.store(0, b"\xa5" * 4096)
+    format_pool(production, lay)
+    assert tuple(create_steps(stepped, lay)) == CREATE_LABELS
+    assert production.snapshot() == stepped.snapshot()
+    assert Pool(stepped).nblock == lay.nblocks

@@ -80,10 +80,10 @@ def test_qemu_dying_mid_workload(image: object, monkeypatch: pytest.MonkeyPatch,
                                  tmp_path: Path) -> None:
     original = campaign.Campaign._wait_trigger
 
-    def kill_then_wait(self: campaign.Campaign, machine: Any, cut: int, runner: Any) -> float:
+    def kill_then_wait(self: campaign.Campaign, machine: Any, *args: Any) -> Any:
         pid = machine.vm.pid
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
-        return original(self, machine, cut, runner)
+        return original(self, machine, *args)
 
     monkeypatch.setattr(campaign.Campaign, "_wait_trigger", kill_then_wait)
     code, summary, _ = run_scenario(tmp_path, cuts={"count": 2, "when": {"after_s": [20, 20]}})
