@@ -436,9 +436,14 @@ def render_report(run_dir: str | Path, run: RunFolder | None = None) -> Path:
     body += _verdict_table(cuts, run.bad_cuts)
     body += sections
     body += _manifest_section(manifest)
+    return _write_page(run_dir, title, CSS, body)
+
+
+def _write_page(run_dir: Path, title: str, css: str, body: list[str]) -> Path:
+    """report.html of `run_dir`: the body's fragments (escaped by their makers) in one page."""
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+        f"<title>{escape(title)}</title><style>{css}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )
@@ -815,15 +820,7 @@ def render_explore_report(run_dir: str | Path) -> Path:
         except (OSError, ValueError, KeyError, TypeError) as e:
             body.append(f'<div class="damaged">{escape(path.name)}: cannot be shown: '
                         f"{escape(str(e))}</div>")
-    page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(title)}</title><style>{CSS}{EXPLORE_CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
-    out = run_dir / "report.html"
-    write_text_atomic(out, page)
-    return out
+    return _write_page(run_dir, title, CSS + EXPLORE_CSS, body)
 
 
 def write_explore_junit(run_dir: str | Path) -> Path:
