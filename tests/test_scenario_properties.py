@@ -24,7 +24,15 @@ from hypothesis import strategies as st
 
 from testbed import cli
 from testbed.qemu_cmdline import NAME_RE
-from testbed.scenario import HostLimits, Scenario, ScenarioError, load_scenario, parse_scenario
+from testbed.scenario import (
+    MAX_SECONDS,
+    MAX_WEIGHT,
+    HostLimits,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    parse_scenario,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_TEXT = (REPO / "scenarios" / "smoke.yaml").read_text()
@@ -218,11 +226,13 @@ def assert_sane(s: Scenario) -> None:
     assert 1 <= s.cuts.count <= 10_000 and 1 <= s.workload.threads <= 256
     assert 1 <= s.vm.smp <= LIMITS.smp and s.vm.memory_mib <= LIMITS.memory_mib
     assert s.vm.nvdimm.size_mib <= LIMITS.nvdimm_mib
-    numbers = [s.workload.mix.read, s.workload.mix.write, s.workload.mix.zero,
-               s.timeouts.boot_s, s.timeouts.workload_s, s.timeouts.recover_s,
+    weights = [s.workload.mix.read, s.workload.mix.write, s.workload.mix.zero]
+    seconds = [s.timeouts.boot_s, s.timeouts.workload_s, s.timeouts.recover_s,
                *(s.cuts.when.after_s or ()),
                *([s.workload.duration_s] if s.workload.duration_s is not None else [])]
-    assert all(math.isfinite(x) and 0 <= x <= 86_400 for x in numbers), numbers
+    # (weights have their own bound: a mix weight of 86,401 is no duration)
+    assert all(math.isfinite(x) and 0 <= x <= MAX_WEIGHT for x in weights), weights
+    assert all(math.isfinite(x) and 0 <= x <= MAX_SECONDS for x in seconds), seconds
     assert sum((s.workload.mix.read, s.workload.mix.write, s.workload.mix.zero)) > 0
 
 
