@@ -79,6 +79,25 @@ def test_smoke_kernel_btt_is_clean(image: object, tmp_path: Path) -> None:
     assert json.loads((run / "manifest.json").read_text())["device"].endswith("s")
 
 
+# The short CI version of the nightly known-good matrix: the target x restart x persistence
+# combinations no other VM test runs (btt8 snapshot/cold/reset, adr and kernel-BTT snapshot run
+# elsewhere). Each must come out clean; a violation here is a testbed or oracle bug.
+@pytest.mark.parametrize("target,restart", [
+    ({"kind": "kernel-btt", "namespace": None}, "cold"),
+    ({"kind": "kernel-btt", "namespace": None}, "reset"),
+    ({"persistence": "adr-evict"}, "snapshot"),
+], ids=["kernel-btt-cold", "kernel-btt-reset", "btt8-adr-evict"])
+def test_known_good_combinations_are_clean(image: object, tmp_path: Path,
+                                           target: dict[str, object], restart: str) -> None:
+    data = yaml.safe_load(_variant(tmp_path, **target).read_text())
+    data["cuts"] = {**data["cuts"], "count": 2, "restart": restart}
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(data))
+    code = campaign.run(scenario, tmp_path / "results")
+    summary = _assert_complete(_only_run(tmp_path / "results"), cuts=2)
+    assert (code, summary["violations"], summary["status"]) == (0, {}, "passed")
+
+
 def test_btt8_pool_file_on_fsdax_with_reset_cuts_is_clean(image: object, tmp_path: Path) -> None:
     """The other BTT8 placement (a pool file on ext4 -o dax), the other cut mode (QMP
     system_reset: same QEMU, guest frozen for the crash image, then reset) and the other

@@ -74,8 +74,8 @@ def test_an_at_step_cut_lands_at_the_step_and_a_step_never_reached_is_recorded(
     step = verdict(run_dir, 1)["step"]
     assert step["reached"] and step["at"] == {k: pause[k] for k in ("thread", "op", "kind",
                                                                     "lba")}
-    # every op thread 0 began before the held one was acknowledged (a write whose swap lost to
-    # the other thread's skips WpersistMapping: nth - 1 of them at least)
+    # every op thread 0 began before the held one was acknowledged (each of its writes passes
+    # WpersistMapping once, its CAS won or lost: nth - 1 earlier ops)
     acked = [e for e in read_events(run_dir / "cut-1" / "events.jsonl")
              if e["ev"] == "ok" and e["thread"] == 0]
     assert pause["op"] >= nth - 1 and [e["op"] for e in acked] == list(range(pause["op"]))
