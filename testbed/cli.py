@@ -337,11 +337,16 @@ def _add_image(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="model-check BTT8's steps against ADR crash states "
                        "(host only, no VM)")
-    for flag, default in (("--pool-mib", 16), ("--bsize", 512), ("--threads", 2), ("--ops", 3),
-                          ("--lbas", 1)):
-        p.add_argument(flag, type=_positive_int, default=default)
-    for flag, default in (("--seed", 0), ("--preemptions", 2)):
-        p.add_argument(flag, type=_non_negative_int, default=default)
+    for flag, default, what in (
+            ("--pool-mib", 16, "pool size in MiB"), ("--bsize", 512, "block size in bytes"),
+            ("--threads", 2, "threads interleaved"), ("--ops", 3, "operations per thread"),
+            ("--lbas", 1, "LBAs the operations spread over")):
+        p.add_argument(flag, type=_positive_int, default=default, help=f"{what} ({default})")
+    for flag, default, what in (
+            ("--seed", 0, "seed of the op sequences and of the schedules past the bound"),
+            ("--preemptions", 2, "context switches at a step where the running thread could "
+                                 "go on")):
+        p.add_argument(flag, type=_non_negative_int, default=default, help=f"{what} ({default})")
     p.add_argument("--max-interleavings", type=_positive_int, default=None,
                    help="schedules to run (default 200; no cap with --exhaustive)")
     p.add_argument("--exhaustive", action="store_true",
@@ -349,7 +354,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "tail; summary.json says whether the enumeration was complete")
     p.add_argument("--replay", metavar="VIOLATION_JSON",
                    help="re-run one violation-N.json reproduction; exit 1 if it reproduces")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results", help="where run folders go (results)")
     p.set_defaults(func=_explore)
 
     p = sub.add_parser("bench", help="benchmarks")
