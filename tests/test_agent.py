@@ -40,6 +40,23 @@ def agent_json(command: str, config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+def kill_workload_mid_flight(config: dict[str, Any], events_path: Path,
+                             lines: int = 400) -> None:
+    """Run `tbagent workload` with `config` and SIGKILL it once it has written `lines` events
+    (a power cut, as far as a process can have one)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tbagent", "workload"],
+                            stdin=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(config))
+    proc.stdin.close()
+    deadline = time.monotonic() + 60
+    while not events_path.exists() or events_path.read_bytes().count(b"\n") < lines:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture
 def raw_target(tmp_path: Path) -> dict[str, Any]:
     path = tmp_path / "pmem0"
@@ -179,17 +196,7 @@ def test_sigkill_mid_workload_then_recover_is_judged_clean(
         config = workload_config(
             target, events_path, epoch=epoch, ops=None, duration_s=60, resume=resume
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tbagent", "workload"], stdin=subprocess.PIPE, text=True
-        )
-        proc.stdin.write(json.dumps(config))
-        proc.stdin.close()
-        deadline = time.monotonic() + 60
-        while not events_path.exists() or events_path.read_bytes().count(b"\n") < 400:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_workload_mid_flight(config, events_path)
         events = read_events(events_path)
         assert not any(e["ev"] == "done" for e in events)
         dump = agent_json("recover-and-dump", {"target": target, "seed": SEED, "lbas": 8})

@@ -4,14 +4,10 @@ QMP cut) recovers to a history the oracle judges clean."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from test_agent import agent_json, kill_workload_mid_flight
 
 from testbed.events import read as read_events
 from testbed.oracle import judge
@@ -54,13 +50,6 @@ def test_persistence_is_for_btt8_only_and_a_known_model() -> None:
         parse_scenario(SCENARIO.format(kind="btt8", persistence="wbinvd"), "x.yaml")
 
 
-def agent_json(command: str, config: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tbagent", command], input=json.dumps(config),
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 @pytest.mark.parametrize("persistence", ["adr", "adr-evict"])
 def test_sigkill_mid_workload_under_a_cache_model_is_judged_clean(persistence: str,
                                                                   tmp_path: Path) -> None:
@@ -71,17 +60,7 @@ def test_sigkill_mid_workload_under_a_cache_model_is_judged_clean(persistence: s
     config = {"target": target, "seed": 5, "epoch": 0, "threads": 3, "lbas": 8,
               "mix": {"read": 2.0, "write": 3.0, "zero": 1.0}, "duration_s": 60,
               "resume": [0, 0, 0], "events": str(events_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "tbagent", "workload"],
-                            stdin=subprocess.PIPE, text=True)
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(config))
-    proc.stdin.close()
-    deadline = time.monotonic() + 60
-    while not events_path.exists() or events_path.read_bytes().count(b"\n") < 400:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_workload_mid_flight(config, events_path)
     dump = agent_json("recover-and-dump", {"target": target, "seed": 5, "lbas": 8})
     verdict = judge(config, read_events(events_path), dump)
     assert verdict.ok, verdict.to_json()
