@@ -627,6 +627,7 @@ class Pool:
         end = self._tt_word + 2 * lay.nblocks
         self._cycles = words[self._tt_word : end : 2]
         self._pbas = words[self._tt_word + 1 : end : 2]
+        self._blocks = pmem.visible[lay.dataoff :]  # PBA p at p * bsize
         self._swap_is_atomic = pmem.atomic_swap
         # Hot-path bindings of the persistence interface (one attribute load per call).
         self._load8 = pmem.load8
@@ -703,6 +704,7 @@ class Pool:
         if pmem is not None:
             self._cycles.release()  # views of the mapping: the file cannot close under them
             self._pbas.release()
+            self._blocks.release()
             pmem.close()
 
     # -- lanes --------------------------------------------------------------------------------
@@ -748,6 +750,14 @@ class Pool:
 
     # -- read ---------------------------------------------------------------------------------
 
+    def _copy_block(self, pba: int, buf: bytearray | memoryview) -> None:
+        """RcopyBlock for any PBA word, flagged or not (read_into inlines the unflagged case)."""
+        if pba & FLAG_ZERO:
+            memoryview(buf)[:] = self._zero_block
+        else:
+            off = (pba & PBA_MASK) * self.bsize
+            memoryview(buf)[:] = self._blocks[off : off + self.bsize]
+
     def _try_one_read(self, word: int, buf: bytearray | memoryview) -> bool:
         load8 = self._load8
         # RloadPreCycle
@@ -758,11 +768,7 @@ class Pool:
         if self._lane_next[pre & LANE_MASK] == pre:
             self._persist(word * 8 + 8, 8)
         # RcopyBlock
-        if pba & FLAG_ZERO:
-            memoryview(buf)[:] = self._zero_block
-        else:
-            off = self._dataoff + (pba & PBA_MASK) * self.bsize
-            memoryview(buf)[:] = self._visible[off : off + self.bsize]
+        self._copy_block(pba, buf)
         # RcheckAtomicity (the PBA too unless swaps are atomic: see _hot_paths)
         return load8(word) == pre and (self._swap_is_atomic or load8(word + 1) == pba)
 
@@ -847,6 +853,10 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
     pop_lane, push_lane, home_lane = pool._free_lanes.pop, pool._free_lanes.append, pool._home_lane
     tt_byte = tt_word * 8
     block0 = dataoff // bsize  # dataoff is block aligned: PBA p starts at (p + block0) * bsize
+    tblocks = pool.nblock + pool.nfree
+    # read_into copies into buf[whole] (a slice made once); its rare paths go through pool
+    # (every closure variable a function uses costs each of its calls a copy).
+    blocks, whole = pool._blocks, slice(None)
     atomic = pool._swap_is_atomic
     buffer = pool._pmem.buffer  # loads by slicing: see pmem
     as_bytes = buffer if isinstance(buffer, mmap.mmap) else None  # its slices are bytes
@@ -858,8 +868,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
     elif fault == "cycle-shift":  # the seed's count never equals the lane count + 1 (steps.py)
         help_persist = _no_persist
     # module constants as closure variables (a cell load is cheaper than a global lookup)
-    lane_mask, flag_unused, flag_zero, pba_mask, nfree = (
-        LANE_MASK, FLAG_UNUSED, FLAG_ZERO, PBA_MASK, NFREE)
+    lane_mask, flag_zero, pba_mask, nfree = LANE_MASK, FLAG_ZERO, PBA_MASK, NFREE
 
     def read(lba: int) -> bytes:
         """The block's current content as bytes."""
@@ -877,8 +886,9 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
         # durable yet (its writer is between WswapMapping and WupdateCycle): persist it.
         if lane_next[pre & lane_mask] == pre:
             help_persist(tt_byte + 16 * lba + 8, 8)
-        # RcopyBlock (slicing an mmap gives bytes in one step; any other buffer: via a view)
-        if pba < flag_unused:
+        # RcopyBlock (slicing an mmap gives bytes in one step; any other buffer: via a view).
+        # Open checked every PBA against tblocks: a word below it carries no flag.
+        if pba < tblocks:
             off = (pba + block0) * bsize
             data = as_bytes[off : off + bsize] if as_bytes else visible[off : off + bsize].tobytes()
         elif pba & flag_zero:
@@ -908,7 +918,7 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
             if lba < 0:
                 raise IndexError
         except (IndexError, TypeError):
-            lba = check_lba(lba)  # EINVAL, or an int for an integer-like LBA
+            lba = pool._check_lba(lba)  # EINVAL, or an int for an integer-like LBA
             pre = cycles[lba]
         # RloadPBA
         pba = pbas[lba]
@@ -918,25 +928,23 @@ def _hot_paths(pool: Pool, fault: str = "") -> tuple[Callable, Callable, Callabl
         # RcopyBlock (through a memoryview of buf: a bytearray's own slice assignment would
         # first copy the source into a temporary bytearray; a view the caller made once is used
         # as it is). A buffer of the wrong size makes the assignment raise ValueError: that is
-        # the length check.
+        # the length check. A word below tblocks carries no flag (see read); a compare of
+        # small ints is cheaper than one against the flag bit.
         try:
-            if pba < flag_unused:
-                off = (pba + block0) * bsize
+            if pba < tblocks:
+                off = pba * bsize
                 if type(buf) is memoryview:
-                    buf[:] = visible[off : off + bsize]
+                    buf[whole] = blocks[off : off + bsize]
                 else:
-                    memoryview(buf)[:] = visible[off : off + bsize]
-            elif pba & flag_zero:
-                memoryview(buf)[:] = zero_block
+                    memoryview(buf)[whole] = blocks[off : off + bsize]
             else:
-                off = dataoff + (pba & pba_mask) * bsize
-                memoryview(buf)[:] = visible[off : off + bsize]
+                pool._copy_block(pba, buf)
         except ValueError:
-            check_len(buf)  # EINVAL if that was the cause
+            pool._check_len(buf)  # EINVAL if that was the cause
             raise
         # RcheckAtomicity (the cycle; the PBA too unless swaps are atomic: see read)
         if cycles[lba] != pre or not (atomic or pbas[lba] == pba):
-            read_retry(tt_word + 2 * lba, buf)
+            pool._read_retry(tt_word + 2 * lba, buf)
 
     def write(lba: int, data: bytes | bytearray | memoryview) -> None:
         """Atomically replace the block (bytes is the fastest argument type)."""
