@@ -153,15 +153,21 @@ def interpreter() -> dict[str, object]:
 
 
 def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
-       seed: int, read_buffer: str = "memoryview",
-       interleave: int = 0) -> dict[str, dict[str, float]]:
-    """Random writes then reads of the same LBAs with the same buffers, BTT8 then libpmemblk,
-    in one process. Pools live in `directory` (tmpfs: /dev/shm) and are removed afterwards.
+       seed: int, read_buffer: str = "memoryview", interleave: int = 0,
+       first: str = "btt8") -> dict[str, dict[str, float]]:
+    """Random writes then reads of the same LBAs with the same buffers, one library's passes
+    after the other's (`first` says whose come first), in one process. Pools live in
+    `directory` (tmpfs: /dev/shm); both are created before either is timed, and each is
+    removed after its passes.
 
     Each library gets its cheapest handle to the one read buffer, made once before the timed
     loop: libpmemblk the buffer's address (as before), BTT8's read_into a memoryview of it
     (read_buffer "bytearray" passes the bytearray itself: read_into then makes the view on
     every call, ~50 ns more per read here).
+
+    The order counts: on a tmpfs pool two thirds of a write pass is page faults, and here the
+    library whose passes came first wrote a few per cent slower (BENCHMARKS.md), so `first`
+    lets a series alternate it; each row says its `position`.
 
     interleave N (with compare): both pools open at once, and each pass alternates slices of N
     operations between the libraries (same LBAs, same order), so that a busy host's slow
@@ -176,36 +182,43 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
     wbuf = os.urandom(bsize)
     rbuf = bytearray(bsize)
     stem = os.path.join(directory, f"btt8-bench-{os.getpid()}")
+    btt8_path, blk_path = stem + ".btt8", stem + ".pmemblk"
 
-    btt8_path = stem + ".btt8"
-    try:
-        core.create(btt8_path, bsize, poolsize).close()
+    def btt8_passes() -> None:
         start = time.perf_counter()
         pool = core.open(btt8_path, bsize)
         open_s = time.perf_counter() - start
-        nblock = pool.nblock
-        if compare == "libpmemblk":
-            blk_path = stem + ".pmemblk"
-            blk = PmemBlk.create(blk_path, bsize, poolsize)
-            nblock = min(nblock, blk.nblock)  # same LBAs must be valid in both pools
-            blk.close()
-        rng = random.Random(seed)
-        lbas = [rng.randrange(nblock) for _ in range(ops)]
         with pool:
             results["btt8"] = _run_io(pool.write, pool.read_into, lbas, wbuf, rbuf, open_s,
                                       read_buffer)
-    finally:
         _unlink(btt8_path)
 
-    if compare == "libpmemblk":
-        try:
-            start = time.perf_counter()
-            blk = PmemBlk.open(blk_path, bsize)
-            open_s = time.perf_counter() - start
-            results["libpmemblk"] = _run_pmemblk(blk, lbas, wbuf, rbuf, open_s)
+    def pmemblk_passes() -> None:
+        start = time.perf_counter()
+        blk = PmemBlk.open(blk_path, bsize)
+        open_s = time.perf_counter() - start
+        results["libpmemblk"] = _run_pmemblk(blk, lbas, wbuf, rbuf, open_s)
+        blk.close()
+        _unlink(blk_path)
+
+    try:
+        with core.create(btt8_path, bsize, poolsize) as pool:
+            nblock = pool.nblock
+        passes = [btt8_passes]
+        if compare == "libpmemblk":
+            blk = PmemBlk.create(blk_path, bsize, poolsize)
+            nblock = min(nblock, blk.nblock)  # same LBAs must be valid in both pools
             blk.close()
-        finally:
-            _unlink(blk_path)
+            passes = ([pmemblk_passes, btt8_passes] if first == "libpmemblk"
+                      else [btt8_passes, pmemblk_passes])
+        rng = random.Random(seed)
+        lbas = [rng.randrange(nblock) for _ in range(ops)]
+        for position, run in enumerate(passes, 1):
+            run()
+            results["libpmemblk" if run is pmemblk_passes else "btt8"]["position"] = position
+    finally:
+        _unlink(btt8_path)
+        _unlink(blk_path)
     return results
 
 

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", type=int, default=0, metavar="N",
                    help="with --compare: alternate slices of N ops between the libraries "
                         "(both pools open; a busy host's slow patches hit both alike)")
+    p.add_argument("--first", choices=["btt8", "libpmemblk"], default="btt8",
+                   help="with --compare: whose passes run first (the first wrote slower here: "
+                        "a series can alternate it)")
     p.add_argument("--json", action="store_true")
 
     p = b.add_parser("ops", help="cost per call vs libpmemblk, no page faults, warm LBA set "
@@ -135,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({**costs, "interpreter": bench.interpreter()}))
     else:
         results = bench.io(args.bsize, args.pool_mib, args.ops, args.compare, args.dir,
-                           args.seed, args.read_buffer, args.interleave)
+                           args.seed, args.read_buffer, args.interleave, args.first)
         if "libpmemblk" in results:
             mine, theirs = results["btt8"], results["libpmemblk"]
             results["ratio"] = {

@@ -20,7 +20,7 @@ def test_bench_io_prints_one_json_object(tmp_path: Path) -> None:
     assert len(lines) == 1
     report = json.loads(lines[0])
     for name in ("btt8", "libpmemblk"):
-        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
+        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s", "position"}
         assert report[name]["write_ops_per_s"] > 0 and report[name]["read_ops_per_s"] > 0
     assert set(report["ratio"]) == {"write", "read"}
     assert list(tmp_path.iterdir()) == []  # temporary pools removed
@@ -103,6 +103,17 @@ def test_bench_io_interleaved_reports_both_libraries(tmp_path: Path) -> None:
         assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
     assert set(report["ratio"]) == {"write", "read"}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_io_first_says_whose_passes_ran_first(tmp_path: Path) -> None:
+    for first, positions in (("libpmemblk", (2, 1)), ("btt8", (1, 2))):
+        result = btt8("io", "--bsize", "4096", "--pool-mib", "32", "--ops", "200", "--compare",
+                      "libpmemblk", "--first", first, "--json", "--dir", str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert (report["btt8"]["position"], report["libpmemblk"]["position"]) == positions
+        assert report["btt8"]["read_ops_per_s"] > 0 < report["libpmemblk"]["write_ops_per_s"]
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_ops_prints_per_call_costs(tmp_path: Path) -> None:
