@@ -209,7 +209,7 @@ class RunResults:
         # The cut numbers this run covers: all of them, or a shard's deterministic slice.
         self.planned = (shard or Shard(1, 1)).cuts(scenario.cuts.count)
         self.started = time.monotonic()
-        self.elapsed_s: float | None = None  # fixed elapsed time (a merged run)
+        self.elapsed_s: float | None = None  # fixed elapsed time (a finished or merged run)
         self.cuts: list[dict[str, Any]] = []
         self.run_phases: dict[str, float] = {}
         self.failure: str | None = None
@@ -335,6 +335,8 @@ class RunResults:
             self.failure = f"only {len(self.cuts)} of {len(self.planned)} cuts finished"
         code = exit_code(violations, self.failure is not None)
         self.status = STATUS[code]
+        if self.elapsed_s is None:  # stop the clock: the report and the last line agree
+            self.elapsed_s = self.elapsed_before + time.monotonic() - self.started
         self._write_summary()
         if not incomplete or self.stopped is not None:  # nothing left to resume
             shutil.rmtree(self.run_dir / RESUME_DIR, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,20 @@ def record_three_cuts(run: RunResults, tmp_path: Path) -> None:
         verdict = synthetic_cut(run.cut_dir(n), n - 1, lose_ack=(n == 2))
         (run.cut_dir(n) / "console.log").write_text("[    0.000000] Linux version 6.1\n")
         run.record_cut(n, verdict, PHASES, crash_image=image, cut_at_s=0.0262)
+
+
+def test_summary_after_finish_is_the_one_written(run: RunResults, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The orchestrator's last line (summary() after the report is rendered) and summary.json
+    report the same elapsed time and rate, however long the rendering took."""
+    record_three_cuts(run, tmp_path)
+    finish(run)
+    later = time.monotonic() + 90.0
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    written = json.loads((run.run_dir / "summary.json").read_text())
+    now = run.summary()
+    assert (now["elapsed_s"], now["cuts_per_min"]) == (written["elapsed_s"],
+                                                       written["cuts_per_min"])
 
 
 def test_layout_summary_and_exit_code(run: RunResults, tmp_path: Path) -> None:
