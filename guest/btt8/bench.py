@@ -204,18 +204,18 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
     try:
         with core.create(btt8_path, bsize, poolsize) as pool:
             nblock = pool.nblock
-        passes = [btt8_passes]
+        passes = {"btt8": btt8_passes}
         if compare == "libpmemblk":
             blk = PmemBlk.create(blk_path, bsize, poolsize)
             nblock = min(nblock, blk.nblock)  # same LBAs must be valid in both pools
             blk.close()
-            passes = ([pmemblk_passes, btt8_passes] if first == "libpmemblk"
-                      else [btt8_passes, pmemblk_passes])
+            passes["libpmemblk"] = pmemblk_passes
         rng = random.Random(seed)
         lbas = [rng.randrange(nblock) for _ in range(ops)]
-        for position, run in enumerate(passes, 1):
-            run()
-            results["libpmemblk" if run is pmemblk_passes else "btt8"]["position"] = position
+        order = sorted(passes, key=lambda name: name != first)  # `first`, then the other
+        for position, name in enumerate(order, 1):
+            passes[name]()
+            results[name]["position"] = position
     finally:
         _unlink(btt8_path)
         _unlink(blk_path)
