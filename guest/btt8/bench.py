@@ -6,6 +6,7 @@ import ctypes
 import os
 import platform
 import random
+import resource
 import sys
 import threading
 import time
@@ -154,26 +155,35 @@ def interpreter() -> dict[str, object]:
 
 def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
        seed: int, read_buffer: str = "memoryview", interleave: int = 0,
-       first: str = "btt8") -> dict[str, dict[str, float]]:
+       first: str = "btt8", fresh: bool = False) -> dict[str, dict[str, float]]:
     """Random writes then reads of the same LBAs with the same buffers, one library's passes
     after the other's (`first` says whose come first), in one process. Pools live in
     `directory` (tmpfs: /dev/shm); both are created before either is timed, and each is
     removed after its passes.
+
+    Unless `fresh`, every LBA of a pool is written once before its timed passes (untimed): a
+    pool in service, whose blocks have all been written. On a fresh tmpfs pool the first store
+    to each page is a page fault (34,000 of them in 50,000 writes over 256 MiB, both libraries
+    alike: two thirds of a write pass), and this host charges a varying price for one, which
+    moved single runs' write ratio between 0.5 and 2.2 (BENCHMARKS.md); pmem itself (devdax)
+    has no such fault per block. `fresh` keeps them in the timed passes. Each row counts the
+    minor page faults of its timed passes.
 
     Each library gets its cheapest handle to the one read buffer, made once before the timed
     loop: libpmemblk the buffer's address (as before), BTT8's read_into a memoryview of it
     (read_buffer "bytearray" passes the bytearray itself: read_into then makes the view on
     every call, ~50 ns more per read here).
 
-    The order counts: on a tmpfs pool two thirds of a write pass is page faults, and here the
-    library whose passes came first wrote a few per cent slower (BENCHMARKS.md), so `first`
-    lets a series alternate it; each row says its `position`.
+    With fresh pools the order counted: the library whose passes came first wrote a few per
+    cent slower (BENCHMARKS.md), so `first` lets a series alternate it; each row says its
+    `position`.
 
     interleave N (with compare): both pools open at once, and each pass alternates slices of N
     operations between the libraries (same LBAs, same order), so that a busy host's slow
     patches fall on both alike; each library's rate is its ops over the sum of its slices."""
     if interleave and compare == "libpmemblk":
-        return _io_interleaved(bsize, pool_mib, ops, directory, seed, read_buffer, interleave)
+        return _io_interleaved(bsize, pool_mib, ops, directory, seed, read_buffer, interleave,
+                               fresh)
     # Both libraries persist with cache flushes, as they would on real pmem; libpmem reads this
     # when it loads, so it must be set before either library is first used.
     os.environ["PMEM_IS_PMEM_FORCE"] = "1"
@@ -189,6 +199,8 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
         pool = core.open(btt8_path, bsize)
         open_s = time.perf_counter() - start
         with pool:
+            if not fresh:
+                _fill(pool.write, nblock, wbuf)
             results["btt8"] = _run_io(pool.write, pool.read_into, lbas, wbuf, rbuf, open_s,
                                       read_buffer)
         _unlink(btt8_path)
@@ -197,6 +209,8 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
         start = time.perf_counter()
         blk = PmemBlk.open(blk_path, bsize)
         open_s = time.perf_counter() - start
+        if not fresh:
+            _fill(lambda lba, data: blk.write_raw(blk.handle, data, lba), nblock, wbuf)
         results["libpmemblk"] = _run_pmemblk(blk, lbas, wbuf, rbuf, open_s)
         blk.close()
         _unlink(blk_path)
@@ -223,7 +237,8 @@ def io(bsize: int, pool_mib: int, ops: int, compare: str | None, directory: str,
 
 
 def _io_interleaved(bsize: int, pool_mib: int, ops: int, directory: str, seed: int,
-                    read_buffer: str, slice_ops: int) -> dict[str, dict[str, float]]:
+                    read_buffer: str, slice_ops: int,
+                    fresh: bool) -> dict[str, dict[str, float]]:
     os.environ["PMEM_IS_PMEM_FORCE"] = "1"
     poolsize = pool_mib << 20
     wbuf = os.urandom(bsize)
@@ -239,37 +254,55 @@ def _io_interleaved(bsize: int, pool_mib: int, ops: int, directory: str, seed: i
         start = time.perf_counter()
         blk = PmemBlk.open(blk_path, bsize)
         blk_open_s = time.perf_counter() - start
+        nblock = min(pool.nblock, blk.nblock)
         rng = random.Random(seed)
-        lbas = [rng.randrange(min(pool.nblock, blk.nblock)) for _ in range(ops)]
+        lbas = [rng.randrange(nblock) for _ in range(ops)]
         slices = [lbas[i:i + slice_ops] for i in range(0, ops, slice_ops)]
         target = memoryview(rbuf) if read_buffer == "memoryview" else rbuf
         handle, blk_write, blk_read = blk.handle, blk.write_raw, blk.read_raw
         rptr = ctypes.addressof((ctypes.c_char * bsize).from_buffer(blk_rbuf))
         write, read = pool.write, pool.read_into
+        if not fresh:
+            _fill(write, nblock, wbuf)
+            _fill(lambda lba, data: blk_write(handle, data, lba), nblock, wbuf)
         clock = time.perf_counter
-        times = [0.0, 0.0, 0.0, 0.0]  # btt8 write, pmemblk write, btt8 read, pmemblk read
+        # btt8 write, pmemblk write, btt8 read, pmemblk read: seconds, then page faults
+        times = [0.0, 0.0, 0.0, 0.0]
+        faults = [0, 0, 0, 0]
         for part in slices:
+            before = _minor_faults()
             start = clock()
             for lba in part:
                 write(lba, wbuf)
             mid = clock()
+            middle = _minor_faults()
+            resume = clock()
             for lba in part:
                 blk_write(handle, wbuf, lba)
             times[0] += mid - start
-            times[1] += clock() - mid
+            times[1] += clock() - resume
+            faults[0] += middle - before
+            faults[1] += _minor_faults() - middle
         for part in slices:
+            before = _minor_faults()
             start = clock()
             for lba in part:
                 read(lba, target)
             mid = clock()
+            middle = _minor_faults()
+            resume = clock()
             for lba in part:
                 blk_read(handle, rptr, lba)
             times[2] += mid - start
-            times[3] += clock() - mid
+            times[3] += clock() - resume
+            faults[2] += middle - before
+            faults[3] += _minor_faults() - middle
         if isinstance(target, memoryview):
             target.release()
-        results = {"btt8": _rates(lbas, times[0], times[2], wbuf, rbuf, open_s),
-                   "libpmemblk": _rates(lbas, times[1], times[3], wbuf, blk_rbuf, blk_open_s)}
+        results = {"btt8": _rates(lbas, times[0], times[2], wbuf, rbuf, open_s,
+                                  faults[0], faults[2]),
+                   "libpmemblk": _rates(lbas, times[1], times[3], wbuf, blk_rbuf, blk_open_s,
+                                        faults[1], faults[3])}
         pool.close()
         blk.close()
         return results
@@ -345,17 +378,20 @@ def _run_io(write: Callable, read: Callable, lbas: list[int], wbuf: bytes, rbuf:
     rbuf[:] = bytes(len(rbuf))
     target = memoryview(rbuf) if read_buffer == "memoryview" else rbuf
     clock = time.perf_counter
+    faults = _minor_faults()
     start = clock()
     for lba in lbas:
         write(lba, wbuf)
     wtime = clock() - start
+    wfaults = _minor_faults() - faults
     start = clock()
     for lba in lbas:
         read(lba, target)
     rtime = clock() - start
+    rfaults = _minor_faults() - faults - wfaults
     if isinstance(target, memoryview):
         target.release()
-    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s)
+    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s, wfaults, rfaults)
 
 
 def _run_pmemblk(blk: PmemBlk, lbas: list[int], wbuf: bytes, rbuf: bytearray,
@@ -365,23 +401,38 @@ def _run_pmemblk(blk: PmemBlk, lbas: list[int], wbuf: bytes, rbuf: bytearray,
     handle, write, read = blk.handle, blk.write_raw, blk.read_raw
     rptr = ctypes.addressof((ctypes.c_char * len(rbuf)).from_buffer(rbuf))
     clock = time.perf_counter
+    faults = _minor_faults()
     start = clock()
     for lba in lbas:
         write(handle, wbuf, lba)
     wtime = clock() - start
+    wfaults = _minor_faults() - faults
     start = clock()
     for lba in lbas:
         read(handle, rptr, lba)
     rtime = clock() - start
-    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s)
+    rfaults = _minor_faults() - faults - wfaults
+    return _rates(lbas, wtime, rtime, wbuf, rbuf, open_s, wfaults, rfaults)
+
+
+def _fill(write: Callable[[int, bytes], object], nblock: int, data: bytes) -> None:
+    """Write every LBA once (untimed): a pool in service, every block written before."""
+    for lba in range(nblock):
+        write(lba, data)
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (read outside the timed loops)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _rates(lbas: list[int], wtime: float, rtime: float, wbuf: bytes, rbuf: bytearray,
-           open_s: float) -> dict[str, float]:
+           open_s: float, write_faults: int, read_faults: int) -> dict[str, float]:
     if rbuf != wbuf:
         raise RuntimeError("benchmark read back different data")
     return {"write_ops_per_s": round(len(lbas) / wtime),
-            "read_ops_per_s": round(len(lbas) / rtime), "open_s": round(open_s, 6)}
+            "read_ops_per_s": round(len(lbas) / rtime), "open_s": round(open_s, 6),
+            "write_faults": write_faults, "read_faults": read_faults}
 
 
 def _unlink(path: str) -> None:

@@ -74,8 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --compare: alternate slices of N ops between the libraries "
                         "(both pools open; a busy host's slow patches hit both alike)")
     p.add_argument("--first", choices=["btt8", "libpmemblk"], default="btt8",
-                   help="with --compare: whose passes run first (the first wrote slower here: "
-                        "a series can alternate it)")
+                   help="with --compare: whose passes run first (with --fresh the first wrote "
+                        "slower here: a series can alternate it)")
+    p.add_argument("--fresh", action="store_true",
+                   help="time fresh pools: no untimed write of every LBA first, so the write "
+                        "pass pays a page fault per first-touched tmpfs page")
     p.add_argument("--json", action="store_true")
 
     p = b.add_parser("ops", help="cost per call vs libpmemblk, no page faults, warm LBA set "
@@ -138,7 +141,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({**costs, "interpreter": bench.interpreter()}))
     else:
         results = bench.io(args.bsize, args.pool_mib, args.ops, args.compare, args.dir,
-                           args.seed, args.read_buffer, args.interleave, args.first)
+                           args.seed, args.read_buffer, args.interleave, args.first,
+                           args.fresh)
         if "libpmemblk" in results:
             mine, theirs = results["btt8"], results["libpmemblk"]
             results["ratio"] = {

@@ -20,7 +20,8 @@ def test_bench_io_prints_one_json_object(tmp_path: Path) -> None:
     assert len(lines) == 1
     report = json.loads(lines[0])
     for name in ("btt8", "libpmemblk"):
-        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s", "position"}
+        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s", "position",
+                                     "write_faults", "read_faults"}
         assert report[name]["write_ops_per_s"] > 0 and report[name]["read_ops_per_s"] > 0
     assert set(report["ratio"]) == {"write", "read"}
     assert list(tmp_path.iterdir()) == []  # temporary pools removed
@@ -100,9 +101,26 @@ def test_bench_io_interleaved_reports_both_libraries(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for name in ("btt8", "libpmemblk"):
-        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s"}
+        assert set(report[name]) == {"write_ops_per_s", "read_ops_per_s", "open_s",
+                                     "write_faults", "read_faults"}
     assert set(report["ratio"]) == {"write", "read"}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_io_times_filled_pools_unless_fresh(tmp_path: Path) -> None:
+    """By default every LBA is written once before the timed passes, so they touch no new page;
+    --fresh times the first touches: about one page fault per write to a new LBA."""
+    for extra in ((), ("--interleave", "50")):
+        counts = {}
+        for fresh in (False, True):
+            result = btt8("io", "--bsize", "4096", "--pool-mib", "32", "--ops", "300",
+                          "--compare", "libpmemblk", "--json", "--dir", str(tmp_path), *extra,
+                          *(("--fresh",) if fresh else ()))
+            assert result.returncode == 0, result.stderr
+            report = json.loads(result.stdout)
+            counts[fresh] = [report[name]["write_faults"] for name in ("btt8", "libpmemblk")]
+        assert max(counts[False]) <= 5, counts
+        assert min(counts[True]) >= 250, counts
 
 
 def test_bench_io_first_says_whose_passes_ran_first(tmp_path: Path) -> None:
