@@ -253,8 +253,9 @@ def _lane_counts(table: _Table, zero_planes: tuple[int, ...] = ()) -> list[int]:
        lane's top coarse value.
     2. Each lane's top coarse value. When every lane is below 256 (the lane is then plane 0
        alone; the usual case: writers take the lowest free lanes): _tops_at_top if all lanes
-       share the top value, else _tops_by_nibbles (up to 15 lanes), else _tops_by_rounds;
-       otherwise, or when none of these decides, _tops_by_keys.
+       share the top value (tried first for one lane, or more than 15), else
+       _tops_by_nibbles (up to 15 lanes), else _tops_by_rounds; otherwise, or when none of
+       these decides, _tops_by_keys.
     3. The exact count comes from the few candidate entries at a lane's top coarse value.
     Entries with count 0 (fresh ones: cycle 0) never raise a lane above its default 0.
     zero_planes: cycle bytes (2-7) the caller already knows to be zero in every entry."""
@@ -294,10 +295,14 @@ def _lane_counts(table: _Table, zero_planes: tuple[int, ...] = ()) -> list[int]:
     lane_lo = table.plane(0)
     cycles = table.words("Q", 0, 2)
     lanes_below_256 = 1 not in plane1.translate(_LANE_HI_NONZERO)
-    planes = _CyclePlanes(cycles, lane_lo, coarse, coarse_int, has_count,
-                          _lanes_present(lane_lo) if lanes_below_256 else set())
+    lanes = _lanes_present(lane_lo) if lanes_below_256 else set()
+    planes = _CyclePlanes(cycles, lane_lo, coarse, coarse_int, has_count, lanes)
+    # _tops_at_top decides when all lanes share the top value: always for one lane (one writer
+    # thread), seldom for the lanes of several (the free-lane stack gives them different
+    # counts); where _tops_by_nibbles applies, a failed try would only add its cost.
+    at_top = len(lanes - {0}) <= 1 or len(lanes | {0}) > 15
     if lanes_below_256 and (
-            _tops_at_top(planes, counts) or _tops_by_nibbles(planes, counts)
+            (at_top and _tops_at_top(planes, counts)) or _tops_by_nibbles(planes, counts)
             or _tops_by_rounds(planes, counts)):
         return counts
     _tops_by_keys(planes, plane1.translate(_LANE_HI), counts)
